@@ -1,0 +1,165 @@
+"""Reading and writing backbone weights: official DINO ``.pth``, safetensors, dino-vos checkpoints.
+
+Everything is loaded with ``torch.load(..., weights_only=True)`` (or safetensors), so a
+checkpoint can never run code. dino-vos writes plain dicts of tensors and builtins only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from dino_vos.errors import BackboneError
+
+ARCH_METADATA_KEY = "dino_vos_arch"
+PREFIXES_TO_STRIP = ("module.", "backbone.", "_orig_mod.", "encoder.")
+DROPPED_PREFIXES = ("head.", "head_drop.", "fc_norm.")  # projection / classifier heads
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Load a checkpoint file as plain data; returns (content, safetensors metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path} (check the path given to --weights)")
+    if path.suffix == ".safetensors":
+        try:
+            tensors = load_file(str(path))
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BackboneError(
+                f"cannot read safetensors file {path}: {exc}; re-export the weights"
+            ) from exc
+        return tensors, metadata
+    try:
+        content = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(
+            f"cannot read checkpoint {path}: {reason[:200]}; expected a DINO .pth, a dino-vos "
+            "checkpoint or a .safetensors file saved as plain tensors"
+        ) from exc
+    if not isinstance(content, Mapping):
+        raise BackboneError(f"checkpoint {path} holds a {type(content).__name__}, not a dict")
+    return dict(content), {}
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES_TO_STRIP:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                changed = True
+    return key
+
+
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP/wrapper prefixes and drop projection-head entries."""
+    cleaned = {}
+    for key, value in state.items():
+        key = _strip_prefixes(key)
+        if key.startswith(DROPPED_PREFIXES):
+            continue
+        cleaned[key] = value
+    return cleaned
+
+
+def extract_backbone_state(
+    content: Mapping[str, Any], checkpoint_key: str = "teacher", source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Find the backbone state dict (and architecture, when recorded) inside a checkpoint.
+
+    Accepts a bare state dict, official DINO training checkpoints (``teacher``/``student``),
+    ``state_dict``/``model`` wrappers and dino-vos checkpoints (which also record ``arch``).
+    """
+    arch = content.get("arch") if isinstance(content.get("arch"), Mapping) else None
+    if _is_state_dict(content):
+        return clean_state_dict(content), arch
+    wrappers = [k for k in ("teacher", "student") if _is_state_dict(content.get(k))]
+    if wrappers:
+        if checkpoint_key not in wrappers:
+            raise BackboneError(
+                f"{source} has no '{checkpoint_key}' entry (it has {', '.join(wrappers)}): "
+                f"use --checkpoint-key {wrappers[0]}"
+            )
+        return clean_state_dict(content[checkpoint_key]), arch
+    for key in (checkpoint_key, "state_dict", "model", "backbone"):
+        if _is_state_dict(content.get(key)):
+            return clean_state_dict(content[key]), arch
+    raise BackboneError(
+        f"{source} holds no backbone weights (keys: {', '.join(list(content)[:8])}); expected a "
+        "state dict or 'teacher'/'student' entries"
+    )
+
+
+def load_backbone_state(
+    path: str | Path, checkpoint_key: str = "teacher"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read ``path`` and return (backbone state dict, recorded architecture or None)."""
+    content, metadata = read_checkpoint(path)
+    state, arch = extract_backbone_state(content, checkpoint_key, source=str(path))
+    if arch is None and ARCH_METADATA_KEY in metadata:
+        arch = json.loads(metadata[ARCH_METADATA_KEY])
+    return state, arch
+
+
+def atomic_torch_save(obj: Mapping[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(dict(obj), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_backbone_safetensors(
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    arch: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a backbone state dict with its architecture recorded in the metadata (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        .detach()
+        .cpu()
+        .contiguous()
+        for k, v in state.items()
+    }
+    metadata = {ARCH_METADATA_KEY: json.dumps(dict(arch))}
+    metadata.update(extra_metadata or {})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

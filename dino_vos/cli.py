@@ -1,0 +1,233 @@
+"""The ``dino-vos`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dino_vos import __version__
+from dino_vos.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from dino_vos.console import console, progress_bar
+from dino_vos.errors import DinoVosError
+from dino_vos.features import BackboneFeatures, ResizeSpec
+from dino_vos.transforms import RESIZE_RULES
+
+
+class DinoVosGroup(click.Group):
+    """A click group that turns :class:`DinoVosError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DinoVosError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: partial outputs were discarded.", err=True)
+            ctx.exit(130)
+
+
+def backbone_options(func: Callable) -> Callable:
+    """--backbone/--weights/--checkpoint-key/--random-init/--pos-embed/--device."""
+    options = [
+        click.option(
+            "--backbone",
+            default=None,
+            help=f"Model name: dino_vits8, dino_vits16, dino_vitb8, dino_vitb16, a timm ViT name "
+            f"or a weights file [default: {DEFAULT_BACKBONE}, or inferred from --weights].",
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Local weights: official DINO .pth, training checkpoint, or .safetensors.",
+        ),
+        click.option(
+            "--checkpoint-key",
+            type=click.Choice(["teacher", "student"]),
+            default="teacher",
+            show_default=True,
+            help="Which network of a training checkpoint to load.",
+        ),
+        click.option(
+            "--random-init", is_flag=True, help="Use the architecture with random weights."
+        ),
+        click.option(
+            "--pos-embed",
+            type=click.Choice(["reference", "timm"]),
+            default="reference",
+            show_default=True,
+            help="Position-embedding resize: DINO reference formula or timm's dynamic resize.",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def load_backbone_from_options(
+    backbone: str | None,
+    weights: Path | None,
+    checkpoint_key: str,
+    random_init: bool,
+    pos_embed: str,
+    device: str,
+) -> Backbone:
+    """Build the backbone the common options describe and say which one is used."""
+    name = backbone if (backbone is not None or weights is not None) else DEFAULT_BACKBONE
+    with console.status(f"Loading backbone {name or weights} ..."):
+        model = load_backbone(
+            name,
+            weights=weights,
+            checkpoint_key=checkpoint_key,
+            device=device,
+            pos_embed=pos_embed,  # type: ignore[arg-type]
+            pretrained=not random_init,
+        )
+    console.print(
+        f"Backbone: [bold]{model.name}[/] (patch {model.patch_size}, dim {model.embed_dim}, "
+        f"weights {model.weights_id}) on {model.device}"
+    )
+    return model
+
+
+def resize_options(func: Callable) -> Callable:
+    """--short-side and --resize-rule."""
+    func = click.option(
+        "--resize-rule",
+        type=click.Choice(RESIZE_RULES),
+        default="reference",
+        show_default=True,
+        help="reference: short side N, long side floored to a multiple of 64 (DINO protocol); "
+        "patch: short side N, both sides rounded to the nearest multiple of the patch size.",
+    )(func)
+    return click.option(
+        "--short-side",
+        type=click.IntRange(min=8),
+        default=480,
+        show_default=True,
+        help="Short side of the network input in pixels.",
+    )(func)
+
+
+def with_backbone_features(func: Callable) -> Callable:
+    """Decorate a command with backbone and resize options; it receives ``features=``."""
+
+    @backbone_options
+    @resize_options
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        resize = ResizeSpec(kwargs.pop("short_side"), kwargs.pop("resize_rule"))
+        model = load_backbone_from_options(
+            kwargs.pop("backbone"),
+            kwargs.pop("weights"),
+            kwargs.pop("checkpoint_key"),
+            kwargs.pop("random_init"),
+            kwargs.pop("pos_embed"),
+            kwargs.pop("device"),
+        )
+        return func(features=BackboneFeatures(model, resize), **kwargs)
+
+    return wrapper
+
+
+@click.group(cls=DinoVosGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dino-vos")
+def main() -> None:
+    """Video object segmentation with self-supervised DINO Vision Transformers."""
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "--mask",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="First-frame annotation PNG (indexed, or grayscale 0/255).",
+)
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--context",
+    type=click.IntRange(min=0),
+    default=7,
+    show_default=True,
+    help="Recent frames used besides the first one.",
+)
+@click.option(
+    "--radius",
+    type=int,
+    default=12,
+    show_default=True,
+    help="Square window half-size in patches (0: whole frame).",
+)
+@click.option(
+    "--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True
+)
+@click.option(
+    "--overlay",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write an overlay video (.mp4).",
+)
+@click.option(
+    "--save-probs",
+    type=click.Choice(["npz", "safetensors"]),
+    default=None,
+    help="Also save soft label maps per frame (float16) under OUT/probs/.",
+)
+@click.option(
+    "--max-frames", type=click.IntRange(min=1), default=None, help="Only the first N frames."
+)
+@with_backbone_features
+def propagate(
+    input_path: Path,
+    mask: Path,
+    out_dir: Path,
+    topk: int,
+    context: int,
+    radius: int,
+    temperature: float,
+    overlay: Path | None,
+    save_probs: str | None,
+    max_frames: int | None,
+    features: BackboneFeatures,
+) -> None:
+    """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
+    from dino_vos.api import propagate_video
+    from dino_vos.propagation import PropagationConfig
+    from dino_vos.sources import open_source
+
+    source = open_source(input_path, limit=max_frames)
+    config = PropagationConfig(topk=topk, context=context, radius=radius, temperature=temperature)
+    with progress_bar("frames") as progress:
+        task = progress.add_task("Propagating", total=len(source))
+        summary = propagate_video(
+            source,
+            mask,
+            out_dir,
+            features,
+            config,
+            overlay=overlay,
+            save_probs=save_probs,  # type: ignore[arg-type]
+            on_frame=lambda _: progress.advance(task),
+            metadata={
+                "backbone": features.backbone.name,
+                "weights": features.backbone.weights_id,
+                "resize": features.resize.key(),
+            },
+        )
+    objects = len(summary.object_ids) - 1
+    extra = f", overlay {summary.overlay}" if summary.overlay else ""
+    console.print(
+        f"Wrote {summary.num_frames} masks ({objects} object{'s' * (objects != 1)}) to "
+        f"{summary.out_dir} in {summary.seconds:.1f} s ({summary.frames_per_second:.2f} frames/s)"
+        f"{extra}"
+    )

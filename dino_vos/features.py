@@ -1,0 +1,70 @@
+"""Frame -> patch features: the one code path used by propagation, ``features`` and the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dino_vos.backbones import Backbone
+from dino_vos.transforms import (
+    IMAGENET_MEAN,
+    REFERENCE_VIDEO_STD,
+    ResizeRule,
+    frame_to_tensor,
+    resized_frame_size,
+)
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """How frames are resized before the backbone."""
+
+    short_side: int | None = 480
+    rule: ResizeRule = "reference"
+
+    def size_for(self, height: int, width: int, patch_size: int) -> tuple[int, int]:
+        return resized_frame_size(height, width, self.short_side, self.rule, patch_size)
+
+    def key(self) -> str:
+        return f"{self.rule}-{self.short_side}"
+
+
+class FeatureExtractor(Protocol):
+    """Turns an RGB frame into an (h, w, D) patch-feature grid."""
+
+    patch_size: int
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]: ...
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor: ...
+
+
+class BackboneFeatures:
+    """Patch features of a :class:`Backbone` (last block, final norm) for single frames."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        resize: ResizeSpec | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = REFERENCE_VIDEO_STD,
+    ) -> None:
+        self.backbone = backbone
+        self.resize = resize or ResizeSpec()
+        self.mean, self.std = mean, std
+        self.patch_size = backbone.patch_size
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.resize.size_for(height, width, self.patch_size)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        size = self.input_size(*image.shape[:2])
+        return frame_to_tensor(image, size, self.mean, self.std)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        batch = self.preprocess(image)[None].to(self.backbone.device)
+        return self.backbone(batch)[0]

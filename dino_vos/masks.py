@@ -1,0 +1,139 @@
+"""Label masks: reading DAVIS-style annotations, object-id bookkeeping, indexed PNG output."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dino_vos.errors import InputError
+
+VOID_LABEL = 255
+
+
+@lru_cache(maxsize=1)
+def davis_palette() -> np.ndarray:
+    """The DAVIS / PASCAL VOC colour map: 256 RGB entries built from the index bits."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value, red, green, blue = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            red |= ((value >> 0) & 1) << shift
+            green |= ((value >> 1) & 1) << shift
+            blue |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (red, green, blue)
+    return palette
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read an annotation PNG as (H, W) uint8 object ids (0 background, 255 void).
+
+    Accepts indexed (palette) PNGs (DAVIS 2017: the indices are the ids), grayscale 0/255 PNGs
+    (DAVIS 2016: 255 is the single object, id 1) and any single-channel PNG of integer labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"mask not found: {path} (give the first frame's annotation PNG)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            array = np.array(image)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read mask {path}: the file is corrupt or not an image") from exc
+    if mode in ("RGB", "RGBA"):
+        rgb = array[..., :3]
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+        ):
+            raise InputError(
+                f"mask {path} is a colour image: save it as an indexed (palette) or grayscale PNG "
+                "of object ids"
+            )
+        array, mode = rgb[..., 0], "L"
+    if array.ndim != 2:
+        raise InputError(f"mask {path} must be single-channel, got shape {array.shape}")
+    if mode == "1":
+        return array.astype(np.uint8)
+    if mode != "P" and set(np.unique(array).tolist()) <= {0, 255}:
+        return (array == 255).astype(np.uint8)  # DAVIS 2016 style 0/255 mask
+    if array.max() > VOID_LABEL or array.min() < 0:
+        raise InputError(f"mask {path} has labels outside 0..255: store object ids 1..254")
+    return array.astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ObjectIds:
+    """The object ids of a first-frame mask; channel 0 is background, channel i is ids[i]."""
+
+    ids: tuple[int, ...]
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> ObjectIds:
+        present = sorted(int(v) for v in np.unique(mask) if v not in (0, VOID_LABEL))
+        return cls((0, *present))
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.ids)
+
+    def to_channels(self, mask: np.ndarray) -> np.ndarray:
+        """Map ids to channel indices; void (and unknown ids) become -1."""
+        lookup = np.full(256, -1, dtype=np.int64)
+        lookup[list(self.ids)] = np.arange(len(self.ids))
+        return lookup[mask.astype(np.uint8)]
+
+    def to_ids(self, channels: np.ndarray) -> np.ndarray:
+        """Map channel indices back to object ids (uint8)."""
+        return np.asarray(self.ids, dtype=np.uint8)[channels]
+
+    def one_hot(self, mask: np.ndarray) -> torch.Tensor:
+        """(C, H, W) float one-hot label map; void pixels get an all-zero vector."""
+        channels = torch.from_numpy(self.to_channels(mask))
+        onehot = torch.zeros(self.num_channels, *channels.shape, dtype=torch.float32)
+        valid = channels >= 0
+        onehot[:, valid] = torch.nn.functional.one_hot(channels[valid], self.num_channels).T.float()
+        return onehot
+
+
+def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label image, as PIL does it (the reference uses PIL)."""
+    if labels.shape == tuple(size_hw):
+        return labels
+    image = Image.fromarray(labels.astype(np.uint8))
+    return np.array(image.resize((size_hw[1], size_hw[0]), Image.NEAREST))
+
+
+def encode_indexed_png(labels: np.ndarray) -> bytes:
+    """PNG bytes of a (H, W) uint8 label image with the DAVIS palette."""
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(davis_palette().reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_indexed_png(path: str | Path, labels: np.ndarray) -> None:
+    """Atomically write an indexed PNG (DAVIS palette) whose pixel values are the labels."""
+    atomic_write_bytes(path, encode_indexed_png(labels))

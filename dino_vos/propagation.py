@@ -1,0 +1,282 @@
+"""Windowed k-NN label propagation over a temporal context (REFERENCE section 2, steps 3-6).
+
+The reference builds an N x N affinity per context frame and multiplies it by a window mask.
+Here the target grid is cut into square tiles; each tile only meets the (tile + 2 * radius)
+square of source patches around it, so the work is proportional to N * window instead of N^2,
+and memory is bounded by ``max_chunk_bytes`` whatever the video length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Parameters of label propagation (defaults: the DINO reference protocol)."""
+
+    topk: int = 5
+    context: int = 7  # number of most recent frames besides the first one
+    radius: int = 12  # square window half-size in patches; <= 0 means no window
+    temperature: float = 0.1
+    tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
+    max_chunk_bytes: int = 96 * 2**20  # memory budget of one batch of tiles
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise ValueError("topk must be at least 1")
+        if self.context < 0:
+            raise ValueError("context must be 0 or more")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if self.tile < 1:
+            raise ValueError("tile must be at least 1")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Tiling of an (h, w) patch grid: target tiles of ``tile`` and source windows of ``span``."""
+
+    height: int
+    width: int
+    tile: int
+    radius: int
+
+    @classmethod
+    def create(cls, height: int, width: int, config: PropagationConfig) -> _Geometry:
+        longest = max(height, width)
+        radius = min(config.radius if config.radius > 0 else longest, longest)
+        return cls(height, width, min(config.tile, longest), radius)
+
+    @property
+    def span(self) -> int:
+        return self.tile + 2 * self.radius
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        return math.ceil(self.height / self.tile), math.ceil(self.width / self.tile)
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """Source buffer size: radius on every side plus the last tile's overhang."""
+        tiles_y, tiles_x = self.tiles
+        return tiles_y * self.tile + 2 * self.radius, tiles_x * self.tile + 2 * self.radius
+
+    def windows(self, buffer: torch.Tensor) -> torch.Tensor:
+        """(M, Hp, Wp, C) padded buffer -> strided view (tiles_y, tiles_x, M, span, span, C)."""
+        frames, _, _, channels = buffer.shape
+        s_m, s_h, s_w, s_c = buffer.stride()
+        tiles_y, tiles_x = self.tiles
+        return buffer.as_strided(
+            (tiles_y, tiles_x, frames, self.span, self.span, channels),
+            (self.tile * s_h, self.tile * s_w, s_m, s_h, s_w, s_c),
+            buffer.storage_offset(),
+        )
+
+    def target_tiles(self, target: torch.Tensor) -> torch.Tensor:
+        """(h, w, D) -> (tiles_y, tiles_x, tile * tile, D), zero-padded at the bottom/right."""
+        tiles_y, tiles_x = self.tiles
+        t = self.tile
+        padded = F.pad(target, (0, 0, 0, tiles_x * t - self.width, 0, tiles_y * t - self.height))
+        return (
+            padded.view(tiles_y, t, tiles_x, t, -1)
+            .transpose(1, 2)
+            .reshape(tiles_y, tiles_x, t * t, -1)
+        )
+
+    def window_mask(self, device: torch.device) -> torch.Tensor:
+        """(tile*tile, span*span): source within the square window of each tile position."""
+        t = torch.arange(self.tile, device=device)
+        s = torch.arange(self.span, device=device) - self.radius
+        near = (s.view(1, -1) - t.view(-1, 1)).abs() <= self.radius
+        mask = near.view(self.tile, 1, self.span, 1) & near.view(1, self.tile, 1, self.span)
+        return mask.reshape(self.tile * self.tile, self.span * self.span)
+
+
+class _ContextBuffer:
+    """Zero-padded features and labels of the first frame and the recent frames.
+
+    Slot 0 holds the first frame; slots 1..capacity-1 a ring of the most recent frames. Each
+    frame is copied into the buffer once, when it enters the context.
+    """
+
+    def __init__(self, geometry: _Geometry, capacity: int, dim: int, classes: int, device):
+        self.geometry = geometry
+        hp, wp = geometry.padded
+        self.keys = torch.zeros(capacity, hp, wp, dim, device=device)
+        self.labels = torch.zeros(capacity, hp, wp, classes, device=device)
+        self.valid = torch.zeros(1, hp, wp, 1, device=device)
+        self._interior(self.valid)[:] = 1
+        self.count = 0
+        self._next_recent = 1
+
+    def _interior(self, buffer: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        return buffer[:, g.radius : g.radius + g.height, g.radius : g.radius + g.width]
+
+    def put(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Store (h, w, D) normalised features and (C, h, w) labels in the next slot."""
+        capacity = self.keys.shape[0]
+        slot = self.count if self.count < capacity else self._next_recent
+        if self.count >= capacity:
+            self._next_recent = 1 + self._next_recent % (capacity - 1)
+        self.count = min(self.count + 1, capacity)
+        self._interior(self.keys)[slot] = features
+        self._interior(self.labels)[slot] = labels.movedim(0, -1)
+
+
+class LabelPropagator:
+    """Propagates soft label maps from a first frame and a queue of recent frames.
+
+    Features are (h, w, D) patch grids (L2-normalised internally); labels are (C, h, w) soft
+    maps. ``reset`` sets the first frame; each ``step`` returns the target frame's soft labels
+    and pushes them, with its features, into the queue of recent frames (memory stays bounded
+    by the context length, whatever the video length).
+    """
+
+    def __init__(self, config: PropagationConfig | None = None) -> None:
+        self.config = config or PropagationConfig()
+        self._buffer: _ContextBuffer | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def reset(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Start a video from its first frame's features (h, w, D) and labels (C, h, w)."""
+        if features.shape[:2] != labels.shape[1:]:
+            raise ValueError(
+                f"label map {tuple(labels.shape[1:])} does not match features "
+                f"{tuple(features.shape[:2])}"
+            )
+        height, width, dim = features.shape
+        geometry = _Geometry.create(height, width, self.config)
+        capacity = 1 + self.config.context
+        self._buffer = _ContextBuffer(geometry, capacity, dim, labels.shape[0], features.device)
+        self._buffer.put(F.normalize(features.float(), dim=-1), labels.float())
+
+    @property
+    def context_size(self) -> int:
+        """Number of frames the next step attends to (first frame + recent frames)."""
+        return self._buffer.count if self._buffer is not None else 0
+
+    def step(self, features: torch.Tensor) -> torch.Tensor:
+        """Soft labels (C, h, w) for a target frame's features (h, w, D); updates the queue."""
+        if self._buffer is None:
+            raise RuntimeError("call reset() with the first frame before step()")
+        if features.shape[:2] != (self._buffer.geometry.height, self._buffer.geometry.width):
+            raise ValueError(f"feature grid {tuple(features.shape[:2])} changed within a video")
+        target = F.normalize(features.float(), dim=-1)
+        soft = self._propagate(target, self._buffer)
+        if self.config.context:
+            self._buffer.put(target, soft)
+        return soft
+
+    def propagate(
+        self, target: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """One stateless step: target (h, w, D), keys (M, h, w, D), labels (M, C, h, w).
+
+        Features must already be L2-normalised; returns soft labels (C, h, w).
+        """
+        height, width, dim = target.shape
+        geometry = _Geometry.create(height, width, self.config)
+        buffer = _ContextBuffer(geometry, keys.shape[0], dim, labels.shape[1], target.device)
+        for frame_keys, frame_labels in zip(keys, labels):
+            buffer.put(frame_keys, frame_labels)
+        return self._propagate(target, buffer)
+
+    def _propagate(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
+        g = buffer.geometry
+        dim, num_ctx, num_cls = target.shape[-1], buffer.count, buffer.labels.shape[-1]
+        tiles_y, tiles_x = g.tiles
+        area, source_len = g.tile * g.tile, num_ctx * g.span * g.span
+        key_windows = g.windows(buffer.keys[:num_ctx])
+        label_windows = g.windows(buffer.labels[:num_ctx])
+        valid_windows = g.windows(buffer.valid) > 0  # ty, tx, 1, s, s, 1
+        queries = g.target_tiles(target)
+        in_window = self._window_mask(g, target.device).view(1, area, 1, -1)
+
+        per_row = tiles_x * source_len * (dim + num_cls + 3 * area) * 4
+        rows = max(1, min(tiles_y, self.config.max_chunk_bytes // max(per_row, 1)))
+        out = torch.empty(tiles_y, tiles_x, area, num_cls, device=target.device)
+        for y0 in range(0, tiles_y, rows):
+            y1 = min(y0 + rows, tiles_y)
+            count = (y1 - y0) * tiles_x
+            q = queries[y0:y1].reshape(count, area, dim)
+            k = key_windows[y0:y1].reshape(count, source_len, dim)
+            lab = label_windows[y0:y1].reshape(count, source_len, num_cls)
+            ok = valid_windows[y0:y1].reshape(count, 1, 1, -1) & in_window
+            sims = torch.bmm(q, k.transpose(1, 2)).view(count, area, num_ctx, -1)
+            sims = sims.masked_fill_(~ok, float("-inf")).view(count, area, source_len)
+            out[y0:y1] = self._weighted_vote(sims, lab).view(y1 - y0, tiles_x, area, -1)
+        soft = out.view(tiles_y, tiles_x, g.tile, g.tile, num_cls).permute(4, 0, 2, 1, 3)
+        soft = soft.reshape(num_cls, tiles_y * g.tile, tiles_x * g.tile)
+        return soft[:, : g.height, : g.width].contiguous()
+
+    def _window_mask(self, geometry: _Geometry, device: torch.device) -> torch.Tensor:
+        key = (geometry.tile, geometry.radius, str(device))
+        if key not in self._masks:
+            self._masks[key] = geometry.window_mask(device)
+        return self._masks[key]
+
+    def _weighted_vote(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Keep the top-k similarities (ties with the k-th included), softmax them, vote.
+
+        sims (B, T, S) with -inf outside the window, labels (B, S, C) -> (B, T, C). Rows without
+        ties beyond the k-th use only the k gathered entries; rows with ties use a dense mask.
+        """
+        k = min(self.config.topk, sims.shape[-1])
+        inv_temp = 1.0 / self.config.temperature
+        top = sims.topk(min(k + 1, sims.shape[-1]), dim=-1)
+        kth = top.values[..., k - 1 : k]
+        # Entries at -inf are out of the window: never kept, even with fewer than k candidates.
+        weights = torch.exp((top.values[..., :k] - top.values[..., :1]) * inv_temp)
+        weights = weights * torch.isfinite(top.values[..., :k])
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        batch, rows, _ = sims.shape
+        gathered = torch.gather(
+            labels,
+            1,
+            top.indices[..., :k].reshape(batch, rows * k, 1).expand(-1, -1, labels.shape[-1]),
+        ).view(batch, rows, k, -1)
+        votes = (weights.unsqueeze(-1) * gathered).sum(dim=2)
+        if top.values.shape[-1] > k:
+            tied = (top.values[..., k] == top.values[..., k - 1]) & torch.isfinite(kth[..., 0])
+            if tied.any():
+                b_idx, r_idx = tied.nonzero(as_tuple=True)
+                row_sims = sims[b_idx, r_idx]  # (n, S)
+                keep = row_sims >= kth[b_idx, r_idx]
+                dense = torch.exp((row_sims - top.values[b_idx, r_idx, :1]) * inv_temp) * keep
+                dense = dense / dense.sum(dim=-1, keepdim=True)
+                votes[b_idx, r_idx] = torch.bmm(dense.unsqueeze(1), labels[b_idx]).squeeze(1)
+        return votes
+
+
+def labels_from_soft(
+    soft: torch.Tensor, patch_size: int, output_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Reference post-processing: bilinear upsampling by the patch size, per-channel min-max
+    normalisation of channels whose max is positive, argmax. Returns (H', W') channel indices at
+    ``h * patch_size`` x ``w * patch_size`` (resize to the frame size with nearest afterwards).
+    """
+    up = F.interpolate(
+        soft[None].float(),
+        scale_factor=patch_size,
+        mode="bilinear",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )[0]
+    flat = up.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    shifted = flat - low
+    high = shifted.max(dim=1, keepdim=True).values
+    positive = flat.max(dim=1, keepdim=True).values > 0
+    # A constant positive channel divides 0 by 0 in the reference (NaN wins the argmax).
+    scaled = torch.where(high > 0, shifted / high.clamp_min(1e-30), torch.full_like(shifted, 2.0))
+    normed = torch.where(positive, scaled, flat).view_as(up)
+    return normed.argmax(dim=0)

@@ -1,0 +1,219 @@
+"""Frame sources: a folder of images or a video file, streamed one frame at a time."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from dino_vos.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+DEFAULT_FOLDER_FPS = 24.0
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: its position, output file stem and RGB pixels (H, W, 3) uint8."""
+
+    index: int
+    name: str
+    image: np.ndarray
+
+
+class FrameSource(Protocol):
+    """A finite, re-iterable sequence of frames with a known count, size and rate."""
+
+    path: Path
+    fps: float
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    @property
+    def frame_size(self) -> tuple[int, int]: ...
+
+
+def natural_key(text: str) -> list[object]:
+    """Sort key that orders ``frame2`` before ``frame10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3); a clear error if it cannot be decoded."""
+    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+    if data is None:
+        raise InputError(f"image not found: {path}")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise InputError(f"cannot decode image {path}: the file is corrupt or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class FolderSource:
+    """Frames stored as image files in one folder, in natural order."""
+
+    def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
+        self.path = Path(path)
+        files = [
+            p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not files:
+            raise InputError(
+                f"no image frames (jpg/png) in folder {self.path}: point INPUT at a folder of "
+                "frames or a video file"
+            )
+        files.sort(key=lambda p: natural_key(p.name))
+        self.files = files[:limit] if limit else files
+        self.fps = float(fps or DEFAULT_FOLDER_FPS)
+        self._size: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        if self._size is None:
+            self._size = read_image(self.files[0]).shape[:2]
+        return self._size
+
+    def __iter__(self) -> Iterator[Frame]:
+        for index, file in enumerate(self.files):
+            image = read_image(file)
+            if image.shape[:2] != self.frame_size:
+                raise InputError(
+                    f"frame {file.name} is {image.shape[1]}x{image.shape[0]} but the first frame "
+                    f"is {self.frame_size[1]}x{self.frame_size[0]}: all frames must share one size"
+                )
+            yield Frame(index, file.stem, image)
+
+
+class DecordVideoSource:
+    """A video file decoded with decord, one frame at a time."""
+
+    def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
+        import decord
+
+        self.path = Path(path)
+        try:
+            self._reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=1)
+        except Exception as exc:  # noqa: BLE001 - decord raises its own DECORDError
+            raise InputError(f"cannot decode video {self.path}: {_first_line(exc)}") from exc
+        count = len(self._reader)
+        if count == 0:
+            raise InputError(f"video {self.path} has no frames")
+        self._count = min(count, limit) if limit else count
+        self.fps = float(fps or self._reader.get_avg_fps() or DEFAULT_FOLDER_FPS)
+        first = self._reader[0].asnumpy()
+        self._size = first.shape[:2]
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self._size
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._reader.seek(0)
+        for index in range(self._count):
+            try:
+                image = self._reader.next().asnumpy()
+            except Exception as exc:  # noqa: BLE001
+                raise InputError(
+                    f"video {self.path} stops decoding at frame {index}: {_first_line(exc)}"
+                ) from exc
+            yield Frame(index, f"{index:05d}", image)
+
+
+class OpenCVVideoSource:
+    """A video file decoded with OpenCV (fallback where decord is not installed)."""
+
+    def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
+        self.path = Path(path)
+        capture = cv2.VideoCapture(str(self.path))
+        ok, first = capture.read() if capture.isOpened() else (False, None)
+        if not ok:
+            capture.release()
+            raise InputError(f"cannot decode video {self.path}: no readable frames")
+        count = 1
+        while capture.grab():
+            count += 1
+        self.fps = float(fps or capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FOLDER_FPS)
+        capture.release()
+        self._count = min(count, limit) if limit else count
+        self._size = first.shape[:2]
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self._size
+
+    def __iter__(self) -> Iterator[Frame]:
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            for index in range(self._count):
+                ok, image = capture.read()
+                if not ok:
+                    raise InputError(f"video {self.path} stops decoding at frame {index}")
+                yield Frame(index, f"{index:05d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        finally:
+            capture.release()
+
+
+class ImageSource(FolderSource):
+    """A single image treated as a one-frame source."""
+
+    def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
+        self.path = Path(path)
+        self.files = [self.path]
+        self.fps = float(fps or DEFAULT_FOLDER_FPS)
+        self._size = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def video_backend() -> str:
+    """``decord`` when it is importable, else ``opencv``."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return "opencv"
+    return "decord"
+
+
+def open_source(
+    path: str | Path,
+    fps: float | None = None,
+    limit: int | None = None,
+    allow_image: bool = False,
+    backend: str | None = None,
+) -> FrameSource:
+    """Open a folder of frames, a video file (or, with ``allow_image``, a single image)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path} (give a folder of frames or a video file)")
+    if path.is_dir():
+        return FolderSource(path, fps=fps, limit=limit)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        if (backend or video_backend()) == "decord":
+            return DecordVideoSource(path, fps=fps, limit=limit)
+        return OpenCVVideoSource(path, fps=fps, limit=limit)
+    if allow_image and suffix in IMAGE_SUFFIXES:
+        read_image(path)
+        return ImageSource(path, fps=fps)
+    accepted = ", ".join(VIDEO_SUFFIXES + (IMAGE_SUFFIXES if allow_image else ()))
+    raise InputError(f"unsupported input {path}: expected a frame folder or one of {accepted}")
