@@ -153,10 +153,7 @@ class Backbone(nn.Module):
         """Split (B, T, D) tokens into (CLS (B, D) or zeros, patch grid (B, h, w, D))."""
         batch, _, dim = tokens.shape
         patches = tokens[:, self.num_prefix_tokens :].reshape(batch, grid[0], grid[1], dim)
-        if self.vit.cls_token is not None:
-            cls = tokens[:, 0]
-        else:
-            cls = patches.mean(dim=(1, 2))
+        cls = tokens[:, 0] if self.vit.cls_token is not None else patches.mean(dim=(1, 2))
         return cls, patches
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,7 @@ class LabelPropagator:
         height, width, dim = target.shape
         geometry = _Geometry.create(height, width, self.config)
         buffer = _ContextBuffer(geometry, keys.shape[0], dim, labels.shape[1], target.device)
-        for frame_keys, frame_labels in zip(keys, labels):
+        for frame_keys, frame_labels in zip(keys, labels, strict=False):
             buffer.put(frame_keys, frame_labels)
         return self._propagate(target, buffer)
 

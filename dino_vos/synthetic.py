@@ -40,7 +40,7 @@ class SyntheticClip:
         frame_dir, mask_dir = folder / "frames", folder / "masks"
         frame_dir.mkdir(parents=True, exist_ok=True)
         mask_dir.mkdir(parents=True, exist_ok=True)
-        for index, (frame, mask) in enumerate(zip(self.frames, self.masks)):
+        for index, (frame, mask) in enumerate(zip(self.frames, self.masks, strict=False)):
             cv2.imwrite(
                 str(frame_dir / f"{index:05d}.jpg"),
                 cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
@@ -105,7 +105,7 @@ def make_clip(
     for t in range(num_frames):
         image = background.copy()
         mask = np.zeros((height, width), np.uint8)
-        for obj, obj_id in zip(objects, ids):
+        for obj, obj_id in zip(objects, ids, strict=False):
             shape = np.zeros((height, width), np.uint8)
             cx, cy = obj["centre"]
             ax, ay = obj["axes"]

@@ -7,6 +7,7 @@ interrupted run therefore never leaves a set of outputs that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -73,10 +74,8 @@ class StagedOutput:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-        try:
-            self.out_dir.rmdir()  # only if we created it and it stayed empty
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            self.out_dir.rmdir()  # only if it stayed empty
 
 
 class MaskWriter:
