@@ -231,3 +231,12 @@ def propagate(
         f"{summary.out_dir} in {summary.seconds:.1f} s ({summary.frames_per_second:.2f} frames/s)"
         f"{extra}"
     )
+
+
+def _register_subcommands() -> None:
+    from eval.cli import eval_group
+
+    main.add_command(eval_group)
+
+
+_register_subcommands()

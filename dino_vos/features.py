@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dino_vos.backbones import Backbone
+from dino_vos.sources import Frame
 from dino_vos.transforms import (
     IMAGENET_MEAN,
     REFERENCE_VIDEO_STD,
@@ -33,13 +34,17 @@ class ResizeSpec:
 
 
 class FeatureExtractor(Protocol):
-    """Turns an RGB frame into an (h, w, D) patch-feature grid."""
+    """Turns a frame into an (h, w, D) patch-feature grid.
+
+    ``input_size`` gives the network input size for an original frame size; the patch grid is
+    that size divided by ``patch_size``. Implementations may cache by ``frame.name``.
+    """
 
     patch_size: int
 
     def input_size(self, height: int, width: int) -> tuple[int, int]: ...
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor: ...
+    def __call__(self, frame: Frame) -> torch.Tensor: ...
 
 
 class BackboneFeatures:
@@ -65,6 +70,10 @@ class BackboneFeatures:
         return frame_to_tensor(image, size, self.mean, self.std)
 
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def extract(self, image: np.ndarray) -> torch.Tensor:
+        """(h, w, D) patch features of one RGB uint8 image."""
         batch = self.preprocess(image)[None].to(self.backbone.device)
         return self.backbone(batch)[0]
+
+    def __call__(self, frame: Frame) -> torch.Tensor:
+        return self.extract(frame.image)

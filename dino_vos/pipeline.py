@@ -64,7 +64,7 @@ class VideoPropagator:
         engine = LabelPropagator(self.config)
         object_ids: ObjectIds | None = None
         for frame in frames:
-            features = self.features(frame.image)
+            features = self.features(frame)
             size = frame.image.shape[:2]
             if object_ids is None:
                 labels, object_ids = self.first_frame_labels(mask, size)
