@@ -162,14 +162,27 @@ class Backbone(nn.Module):
         return self.split_tokens(tokens, grid)[1]
 
 
-def _build_vit(arch: Mapping[str, Any]) -> VisionTransformer:
-    kwargs = dict(arch.get("kwargs", {}))
-    kwargs.update(num_classes=0, dynamic_img_size=True)
+def _create_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """``timm.create_model`` for ViTs: no classifier, any input size; non-ViTs are refused."""
     try:
-        model = timm.create_model(arch["model"], pretrained=False, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError/TypeError
+        model = timm.create_model(
+            timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs
+        )
+    except TypeError as exc:  # non-ViT families do not take dynamic_img_size
+        raise BackboneError(
+            f"'{timm_name}' is not a ViT: pick a timm vit_* model "
+            "(for example vit_small_patch8_224.dino)"
+        ) from exc
+    return _require_vit(model, timm_name)
+
+
+def _build_vit(arch: Mapping[str, Any]) -> VisionTransformer:
+    try:
+        return _create_vit(arch["model"], **dict(arch.get("kwargs", {})))
+    except BackboneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError/...
         raise BackboneError(f"cannot build architecture {dict(arch)}: {exc}") from exc
-    return _require_vit(model, arch["model"])
 
 
 def _require_vit(model: nn.Module, name: str) -> VisionTransformer:
@@ -289,12 +302,9 @@ def available_backbones() -> list[str]:
 
 def _pretrained_vit(timm_name: str, short_name: str | None) -> tuple[VisionTransformer, str]:
     cached = _hub_cached_file(timm_name)
-    kwargs = {"num_classes": 0, "dynamic_img_size": True}
     if cached is not None:
-        model = timm.create_model(
-            timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
-        )
-        return _require_vit(model, timm_name), str(cached)
+        overlay = {"file": str(cached)}
+        return _create_vit(timm_name, True, pretrained_cfg_overlay=overlay), str(cached)
     official = DINO_CHECKPOINT_FILES.get(short_name or "", "the weights file")
     hint = (
         f"download {official} (or the timm weights of {timm_name}) on a connected machine and "
@@ -303,12 +313,14 @@ def _pretrained_vit(timm_name: str, short_name: str | None) -> tuple[VisionTrans
     if not _online():
         raise BackboneError(f"no network and no cached weights for '{timm_name}': {hint}")
     try:
-        model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        model = _create_vit(timm_name, True)
+    except BackboneError:
+        raise
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         raise BackboneError(
             f"could not download weights for '{timm_name}' ({exc}): {hint}"
         ) from exc
-    return _require_vit(model, timm_name), f"timm:{timm_name}"
+    return model, f"timm:{timm_name}"
 
 
 def load_backbone(
@@ -339,12 +351,7 @@ def load_backbone(
         state, recorded_arch = load_backbone_state(weights, checkpoint_key)
         if name is not None and not (shipped is not None and Path(weights) == shipped):
             timm_name, _ = _resolve_name(name)
-            vit = _require_vit(
-                timm.create_model(
-                    timm_name, pretrained=False, num_classes=0, dynamic_img_size=True
-                ),
-                timm_name,
-            )
+            vit = _create_vit(timm_name)
             arch: Mapping[str, Any] = {"model": timm_name.split(".")[0], "kwargs": {}}
         else:
             arch = recorded_arch or infer_arch(state)
@@ -359,12 +366,7 @@ def load_backbone(
         if pretrained:
             vit, weights_id = _pretrained_vit(timm_name, short_name)
         else:
-            vit = _require_vit(
-                timm.create_model(
-                    timm_name, pretrained=False, num_classes=0, dynamic_img_size=True
-                ),
-                timm_name,
-            )
+            vit = _create_vit(timm_name)
             weights_id = "random"
         arch = {"model": timm_name.split(".")[0], "kwargs": {}}
         label = name if pretrained else f"{name} (random init)"

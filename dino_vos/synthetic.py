@@ -59,9 +59,9 @@ class SyntheticClip:
 
 
 def _texture(rng: np.random.Generator, height: int, width: int, base, amplitude: float):
-    """A smooth random texture around colour ``base``."""
-    noise = rng.normal(0, 1, (height // 8 + 2, width // 8 + 2, 3)).astype(np.float32)
-    noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
+    """A smooth random luminance texture around colour ``base`` (H, W, 3) float32."""
+    noise = rng.normal(0, 1, (height // 8 + 2, width // 8 + 2)).astype(np.float32)
+    noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
     return np.clip(np.asarray(base, np.float32) + amplitude * noise, 0, 255)
 
 

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny ViT checkpoints, generated clips, the real-data location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from dino_vos.checkpoints import save_backbone_safetensors
+from dino_vos.synthetic import make_clip
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY_ARCH = {
+    "model": "vit_tiny_patch16_224",
+    "kwargs": {"patch_size": 8, "depth": 2, "img_size": 64, "embed_dim": 48, "num_heads": 3},
+}
+
+
+def requires_shared_data(*parts: str):
+    """Skip a test (with a message) when ../shared/data (or a path inside it) is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path}")
+
+
+def make_tiny_vit(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(TINY_ARCH["model"], num_classes=0, **TINY_ARCH["kwargs"])
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A random-init tiny ViT (patch 8) saved as dino-vos safetensors with its architecture."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_backbone_safetensors(make_tiny_vit().state_dict(), path, TINY_ARCH)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """A generated 6-frame clip: frames/, masks/ (ids 3 and 7) and clip.mp4."""
+    folder = tmp_path_factory.mktemp("clip")
+    clip = make_clip(6, (72, 104), num_objects=2, seed=3, object_ids=(3, 7))
+    clip.write(folder, video=folder / "clip.mp4")
+    return folder

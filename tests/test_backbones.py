@@ -1,0 +1,168 @@
+"""Backbones: position embeddings, weights loading in every supported format, clear errors."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import TINY_ARCH, make_tiny_vit
+from pytest import fixture, raises
+
+from dino_vos import backbones
+from dino_vos.backbones import Backbone, infer_arch, load_backbone
+from dino_vos.checkpoints import save_backbone_safetensors
+from dino_vos.errors import BackboneError
+
+
+@fixture
+def tiny_backbone() -> Backbone:
+    vit = timm.create_model(
+        TINY_ARCH["model"], num_classes=0, dynamic_img_size=True, **TINY_ARCH["kwargs"]
+    )
+    torch.nn.init.normal_(vit.pos_embed, std=1.0)  # make interpolation differences visible
+    return Backbone(vit, "tiny").eval()
+
+
+def _added_pos(backbone: Backbone, height: int, width: int) -> torch.Tensor:
+    """Position embeddings the backbone adds to the patch tokens for an input size."""
+    images = torch.zeros(1, 3, height, width)
+    tokens, _ = backbone.prepare_tokens(images)
+    patches = backbone.vit.patch_embed(images).flatten(1, 2)
+    return tokens[:, 1:] - patches
+
+
+def test_reference_pos_embed_follows_the_dino_formula(tiny_backbone):
+    stored = tiny_backbone.vit.pos_embed[:, 1:]  # 8 x 8 grid (64 px, patch 8)
+    h, w = 6, 13
+    expected = F.interpolate(
+        stored.reshape(1, 8, 8, -1).permute(0, 3, 1, 2),
+        scale_factor=((h + 0.1) / 8, (w + 0.1) / 8),
+        mode="bicubic",
+        align_corners=False,
+    )
+    expected = expected.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    ours = _added_pos(tiny_backbone, h * 8, w * 8)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    # CLS position embedding is untouched
+    tokens, _ = tiny_backbone.prepare_tokens(torch.zeros(1, 3, h * 8, w * 8))
+    expected_cls = tiny_backbone.vit.cls_token[0] + tiny_backbone.vit.pos_embed[0, :1]
+    torch.testing.assert_close(tokens[0, :1], expected_cls)
+
+
+def test_timm_dynamic_resize_differs_from_the_reference(tiny_backbone):
+    reference = _added_pos(tiny_backbone, 48, 104)
+    tiny_backbone.pos_embed_mode = "timm"
+    timm_pos = _added_pos(tiny_backbone, 48, 104)
+    assert reference.shape == timm_pos.shape
+    assert (reference - timm_pos).abs().max() > 1e-3
+
+
+def test_stored_square_grid_is_not_resized(tiny_backbone):
+    torch.testing.assert_close(
+        _added_pos(tiny_backbone, 64, 64), tiny_backbone.vit.pos_embed[:, 1:]
+    )
+
+
+def test_patch_features_shape_and_register_tokens():
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        patch_size=8,
+        depth=1,
+        img_size=32,
+        embed_dim=32,
+        num_heads=2,
+        reg_tokens=4,
+        no_embed_class=True,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+    backbone = Backbone(vit, "reg").eval()
+    assert backbone.num_prefix_tokens == 5
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 40, 56))
+        (tokens,), grid = backbone.forward_tokens(torch.randn(2, 3, 40, 56))
+    assert features.shape == (2, 5, 7, 32)
+    assert tokens.shape == (2, 5 + 35, 32) and grid == (5, 7)
+
+
+def _official_checkpoint(path, teacher, student):
+    def wrap(model, prefix):
+        state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+        state[f"{prefix}head.last_layer.weight_g"] = torch.ones(10, 1)
+        return state
+
+    torch.save(
+        {
+            "teacher": wrap(teacher, "backbone."),
+            "student": wrap(student, "module.backbone."),
+            "epoch": 3,
+        },
+        path,
+    )
+
+
+def test_official_training_checkpoint_teacher_and_student(tmp_path):
+    teacher, student = make_tiny_vit(1), make_tiny_vit(2)
+    path = tmp_path / "checkpoint.pth"
+    _official_checkpoint(path, teacher, student)
+    loaded = load_backbone(None, weights=path)
+    assert torch.equal(loaded.vit.blocks[1].mlp.fc2.weight, teacher.blocks[1].mlp.fc2.weight)
+    assert loaded.patch_size == 8 and loaded.depth == 2 and loaded.embed_dim == 48
+    as_student = load_backbone(None, weights=path, checkpoint_key="student")
+    assert torch.equal(as_student.vit.pos_embed, student.pos_embed)
+
+
+def test_bare_state_dict_with_named_architecture(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    path = tmp_path / "dino_tiny.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_backbone("vit_tiny_patch16_224", weights=path)
+    assert torch.equal(loaded.vit.cls_token, model.cls_token)
+    assert infer_arch(model.state_dict())["kwargs"]["num_heads"] == 3
+
+
+def test_safetensors_with_recorded_architecture(tmp_path, tiny_weights):
+    loaded = load_backbone(str(tiny_weights))  # a path given as the backbone name
+    assert loaded.weights_id.startswith("file:")
+    with torch.no_grad():
+        assert loaded(torch.zeros(1, 3, 64, 96)).shape == (1, 8, 12, 48)
+    half = tmp_path / "half.safetensors"
+    save_backbone_safetensors(make_tiny_vit().state_dict(), half, TINY_ARCH, dtype=torch.float16)
+    assert load_backbone(None, weights=half).vit.pos_embed.dtype == torch.float32
+
+
+def test_random_init_by_name():
+    model = load_backbone("vit_tiny_patch16_224", pretrained=False)
+    assert model.weights_id == "random" and model.patch_size == 16
+
+
+def test_errors_are_clear(tmp_path, monkeypatch):
+    with raises(BackboneError, match="unknown backbone 'not_a_model'"):
+        load_backbone("not_a_model")
+    with raises(BackboneError, match="not a ViT"):
+        load_backbone("resnet18", pretrained=False)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with raises(BackboneError, match="cannot read checkpoint"):
+        load_backbone(None, weights=garbage)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # arbitrary objects are refused
+    with raises(BackboneError, match="cannot read checkpoint"):
+        load_backbone(None, weights=pickled)
+    with raises(BackboneError, match="weights file not found"):
+        load_backbone(None, weights=tmp_path / "missing.pth")
+    mismatched = tmp_path / "mismatched.pth"
+    torch.save(make_tiny_vit().state_dict(), mismatched)
+    with raises(BackboneError, match="do not fit"):
+        load_backbone("vit_small_patch16_224", weights=mismatched)
+    only_teacher = tmp_path / "teacher_only.pth"
+    torch.save({"teacher": make_tiny_vit().state_dict()}, only_teacher)
+    with raises(BackboneError, match="--checkpoint-key teacher"):
+        load_backbone(None, weights=only_teacher, checkpoint_key="student")
+
+
+def test_offline_without_cached_weights_names_the_fix(monkeypatch):
+    monkeypatch.setattr(backbones, "_hub_cached_file", lambda name: None)
+    monkeypatch.setattr(backbones, "_online", lambda host="huggingface.co": False)
+    with raises(BackboneError, match=r"dino_deitsmall8_pretrain\.pth.*--weights PATH"):
+        load_backbone("dino_vits8")

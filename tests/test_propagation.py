@@ -1,0 +1,156 @@
+"""The windowed propagation engine against a dense reference of REFERENCE section 2."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from reference_propagation import dense_propagate
+
+from dino_vos.masks import ObjectIds, resize_labels
+from dino_vos.pipeline import VideoPropagator
+from dino_vos.propagation import LabelPropagator, PropagationConfig, labels_from_soft
+from dino_vos.sources import Frame
+from dino_vos.synthetic import make_clip
+
+
+def _random_case(height, width, frames, classes, dim=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randn(height, width, dim, generator=generator)
+    keys = torch.randn(frames, height, width, dim, generator=generator)
+    labels = torch.softmax(3 * torch.randn(frames, classes, height, width, generator=generator), 1)
+    return target, keys, labels
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "frames", "classes", "topk", "radius", "tile"),
+    [
+        (7, 9, 1, 2, 5, 2, 3),
+        (12, 17, 4, 3, 5, 3, 4),
+        (20, 13, 3, 4, 3, 0, 5),  # radius 0: no window
+        (10, 10, 8, 2, 1, 12, 8),  # window larger than the grid
+        (16, 24, 3, 5, 10, 5, 7),
+        (5, 31, 2, 3, 5, 1, 12),  # tile larger than one side
+        (9, 9, 8, 6, 20, 4, 2),
+    ],
+)
+def test_windowed_step_matches_dense_reference(height, width, frames, classes, topk, radius, tile):
+    target, keys, labels = _random_case(height, width, frames, classes)
+    config = PropagationConfig(topk=topk, radius=radius, tile=tile, max_chunk_bytes=20_000)
+    soft = LabelPropagator(config).propagate(
+        F.normalize(target, dim=-1), F.normalize(keys, dim=-1), labels
+    )
+    expected = dense_propagate(target, keys, labels, topk=topk, radius=radius)
+    torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(soft.argmax(0), expected.argmax(0))
+
+
+def test_ties_with_the_kth_value_are_kept():
+    """One-hot features give exactly tied similarities; all ties with the k-th must vote."""
+    generator = torch.Generator().manual_seed(1)
+    target = F.one_hot(torch.randint(0, 3, (9, 11), generator=generator), 5).float()
+    keys = F.one_hot(torch.randint(0, 3, (3, 9, 11), generator=generator), 5).float()
+    labels = torch.softmax(3 * torch.randn(3, 3, 9, 11, generator=generator), 1)
+    config = PropagationConfig(topk=5, radius=3, tile=4)
+    soft = LabelPropagator(config).propagate(target, keys, labels)
+    expected = dense_propagate(target, keys, labels, topk=5, radius=3)
+    torch.testing.assert_close(soft, expected, atol=1e-6, rtol=1e-6)
+    # Without the tie rule only 5 entries would vote: the result would differ.
+    counts = F.normalize(target.flatten(0, 1), dim=1) @ F.normalize(keys.flatten(1, 2), dim=2).mT
+    assert (counts == 1).sum(-1).max() > 5
+
+
+@pytest.mark.parametrize(("context", "frames"), [(0, 4), (2, 7), (7, 12)])
+def test_context_queue_matches_reference_loop(context, frames):
+    """First frame + the `context` most recent soft maps, as the reference queue."""
+    height, width, classes = 11, 14, 3
+    generator = torch.Generator().manual_seed(context)
+    feats = torch.randn(frames, height, width, 16, generator=generator)
+    first = F.one_hot(torch.randint(0, classes, (height, width), generator=generator), classes)
+    first = first.permute(2, 0, 1).float()
+    config = PropagationConfig(topk=4, context=context, radius=4, tile=5)
+    engine = LabelPropagator(config)
+    engine.reset(feats[0], first)
+    queue: deque = deque(maxlen=context) if context else deque(maxlen=1)
+    for t in range(1, frames):
+        entries = [(feats[0], first), *(queue if context else [])]
+        expected = dense_propagate(
+            feats[t],
+            torch.stack([e[0] for e in entries]),
+            torch.stack([e[1] for e in entries]),
+            topk=4,
+            radius=4,
+        )
+        soft = engine.step(feats[t])
+        torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-5)
+        assert engine.context_size == 1 + min(t, context)
+        if context:
+            queue.append((feats[t], expected))
+
+
+def _reference_labels(soft: torch.Tensor, patch: int) -> torch.Tensor:
+    """The reference post-processing, written as in the DINO script (norm_mask loop)."""
+    up = F.interpolate(soft[None], scale_factor=patch, mode="bilinear", align_corners=False)[0]
+    for c in range(up.shape[0]):
+        channel = up[c]
+        if channel.max() > 0:
+            channel = channel - channel.min()
+            up[c] = channel / channel.max()
+    return up.argmax(0)
+
+
+def test_labels_from_soft_matches_reference_postprocessing():
+    generator = torch.Generator().manual_seed(0)
+    soft = torch.softmax(2 * torch.randn(4, 9, 13, generator=generator), 0)
+    soft[2] = 0  # an absent object keeps its zeros
+    assert torch.equal(labels_from_soft(soft, 8), _reference_labels(soft.clone(), 8))
+    assert labels_from_soft(soft, 8).shape == (72, 104)
+
+
+class ColourFeatures:
+    """A backbone stand-in: per-patch mean colour, centred (known, discriminative features)."""
+
+    patch_size = 2
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        return height - height % 2, width - width % 2
+
+    def __call__(self, frame: Frame) -> torch.Tensor:
+        h, w = self.input_size(*frame.image.shape[:2])
+        image = torch.from_numpy(frame.image[:h, :w]).float().permute(2, 0, 1) / 255 - 0.45
+        return F.avg_pool2d(image[None], 2)[0].permute(1, 2, 0)
+
+
+def _jaccard(pred: np.ndarray, gt: np.ndarray, object_id: int) -> float:
+    a, b = pred == object_id, gt == object_id
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_generated_clip_is_tracked_with_colour_features():
+    clip = make_clip(16, (96, 144), num_objects=3, seed=5, object_ids=(2, 5, 9))
+    frames = [Frame(i, f"{i:05d}", image) for i, image in enumerate(clip.frames)]
+    propagator = VideoPropagator(ColourFeatures(), PropagationConfig(radius=6, tile=8))
+    results = list(propagator.propagate(frames, clip.masks[0]))
+    assert [r.index for r in results] == list(range(16))
+    assert results[0].soft is None and np.array_equal(results[0].labels, clip.masks[0])
+    scores = [
+        _jaccard(r.labels, clip.masks[r.index], obj) for r in results[1:] for obj in (2, 5, 9)
+    ]
+    assert set(np.unique(results[-1].labels)) <= {0, 2, 5, 9}
+    assert np.mean(scores) >= 0.9, np.mean(scores)
+
+
+def test_first_mask_is_resized_with_pil_nearest_to_the_grid():
+    mask = np.zeros((48, 80), np.uint8)
+    mask[10:30, 20:50] = 4
+    mask[0:5, 0:5] = 255  # void: an all-zero label vector
+    labels, ids = VideoPropagator(ColourFeatures()).first_frame_labels(mask, (48, 80))
+    assert ids == ObjectIds((0, 4))
+    small = resize_labels(mask, (24, 40))
+    assert labels.shape == (2, 24, 40)
+    assert torch.equal(labels[1], torch.from_numpy(small == 4).float())
+    assert labels[:, 0, 0].sum() == 0
