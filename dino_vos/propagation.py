@@ -9,6 +9,7 @@ and memory is bounded by ``max_chunk_bytes`` whatever the video length.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,7 +25,7 @@ class PropagationConfig:
     radius: int = 12  # square window half-size in patches; <= 0 means no window
     temperature: float = 0.1
     tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
-    max_chunk_bytes: int = 96 * 2**20  # memory budget of one batch of tiles
+    max_chunk_bytes: int = 64 * 2**20  # memory budget of one batch of tiles
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -132,6 +133,18 @@ class _ContextBuffer:
         self._interior(self.labels)[slot] = labels.movedim(0, -1)
 
 
+def _chunks(tiles_y: int, tiles_x: int, per_chunk: int) -> Iterator[tuple[slice, slice]]:
+    """Blocks of at most ``per_chunk`` tiles: whole tile rows when they fit, else row pieces."""
+    if per_chunk >= tiles_x:
+        rows = per_chunk // tiles_x
+        for y0 in range(0, tiles_y, rows):
+            yield slice(y0, min(y0 + rows, tiles_y)), slice(0, tiles_x)
+        return
+    for y in range(tiles_y):
+        for x0 in range(0, tiles_x, per_chunk):
+            yield slice(y, y + 1), slice(x0, min(x0 + per_chunk, tiles_x))
+
+
 class LabelPropagator:
     """Propagates soft label maps from a first frame and a queue of recent frames.
 
@@ -201,19 +214,19 @@ class LabelPropagator:
         queries = g.target_tiles(target)
         in_window = self._window_mask(g, target.device).view(1, area, 1, -1)
 
-        per_row = tiles_x * source_len * (dim + num_cls + 3 * area) * 4
-        rows = max(1, min(tiles_y, self.config.max_chunk_bytes // max(per_row, 1)))
+        # bytes per tile: gathered keys and labels, similarities and their mask
+        per_tile = source_len * (dim + num_cls + 2 * area) * 4
+        per_chunk = max(1, self.config.max_chunk_bytes // per_tile)
         out = torch.empty(tiles_y, tiles_x, area, num_cls, device=target.device)
-        for y0 in range(0, tiles_y, rows):
-            y1 = min(y0 + rows, tiles_y)
-            count = (y1 - y0) * tiles_x
-            q = queries[y0:y1].reshape(count, area, dim)
-            k = key_windows[y0:y1].reshape(count, source_len, dim)
-            lab = label_windows[y0:y1].reshape(count, source_len, num_cls)
-            ok = valid_windows[y0:y1].reshape(count, 1, 1, -1) & in_window
+        for rows, cols in _chunks(tiles_y, tiles_x, per_chunk):
+            count = (rows.stop - rows.start) * (cols.stop - cols.start)
+            q = queries[rows, cols].reshape(count, area, dim)
+            k = key_windows[rows, cols].reshape(count, source_len, dim)
+            lab = label_windows[rows, cols].reshape(count, source_len, num_cls)
+            ok = valid_windows[rows, cols].reshape(count, 1, 1, -1) & in_window
             sims = torch.bmm(q, k.transpose(1, 2)).view(count, area, num_ctx, -1)
             sims = sims.masked_fill_(~ok, float("-inf")).view(count, area, source_len)
-            out[y0:y1] = self._weighted_vote(sims, lab).view(y1 - y0, tiles_x, area, -1)
+            out[rows, cols] = self._weighted_vote(sims, lab).view_as(out[rows, cols])
         soft = out.view(tiles_y, tiles_x, g.tile, g.tile, num_cls).permute(4, 0, 2, 1, 3)
         soft = soft.reshape(num_cls, tiles_y * g.tile, tiles_x * g.tile)
         return soft[:, : g.height, : g.width].contiguous()

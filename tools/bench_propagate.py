@@ -1,0 +1,168 @@
+"""Benchmark label propagation; prints JSON.
+
+1. The propagation step alone at DAVIS 480p ViT-S/8 geometry (60 x 104 patches, 384-d, 8 context
+   frames, 3 objects): the windowed engine against the dense reference formulation (full N x N
+   affinity times a window mask), seconds per frame, peak extra memory (each variant in its own
+   process) and whether the labels are identical.
+2. End to end (features + propagation + writing) with a random-init ViT-S/8 on 480p frames:
+   seconds per frame and the share spent outside the backbone forward.
+
+    python tools/bench_propagate.py [--frames 5] [--skip-dense] [--skip-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+GRID, DIM, CONTEXT, CLASSES = (60, 104), 384, 8, 4
+
+
+def _memory_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def _step_inputs(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    target = F.normalize(torch.randn(*GRID, DIM, generator=generator), dim=-1)
+    keys = F.normalize(torch.randn(CONTEXT, *GRID, DIM, generator=generator), dim=-1)
+    labels = torch.softmax(3 * torch.randn(CONTEXT, CLASSES, *GRID, generator=generator), 1)
+    return target, keys, labels
+
+
+def inner(variant: str, repeats: int) -> dict:
+    """Time one variant in this process; report seconds per step and peak extra memory."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from reference_propagation import dense_propagate, window_mask
+
+    from dino_vos.propagation import LabelPropagator, PropagationConfig
+
+    target, keys, labels = _step_inputs()
+    if variant == "windowed":
+        engine = LabelPropagator(PropagationConfig())
+
+        def step() -> torch.Tensor:
+            return engine.propagate(target, keys, labels)
+    else:
+        mask = window_mask(*GRID, 12)
+
+        def step() -> torch.Tensor:
+            return dense_propagate(target, keys, labels, mask=mask)
+
+    baseline = _memory_kib("VmRSS")
+    soft = step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        soft = step()
+    seconds = (time.perf_counter() - start) / repeats
+    peak_mib = (_memory_kib("VmHWM") - baseline) / 1024
+    labels_path = Path(tempfile.gettempdir()) / f"bench_propagate_{variant}.npy"
+    np.save(labels_path, soft.argmax(0).numpy())
+    return {"seconds_per_frame": seconds, "peak_extra_mib": peak_mib, "labels": str(labels_path)}
+
+
+def run_inner(variant: str, repeats: int) -> dict:
+    command = [sys.executable, __file__, "--inner", variant, "--repeats", str(repeats)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def bench_step(skip_dense: bool) -> dict:
+    windowed = run_inner("windowed", 5)
+    result: dict = {
+        "geometry": {"grid": list(GRID), "dim": DIM, "context_frames": CONTEXT, "objects": 3},
+        "windowed": windowed,
+    }
+    if not skip_dense:
+        dense = run_inner("dense", 2)
+        same = np.array_equal(np.load(windowed["labels"]), np.load(dense["labels"]))
+        result.update(
+            dense=dense,
+            speedup=dense["seconds_per_frame"] / windowed["seconds_per_frame"],
+            memory_ratio=windowed["peak_extra_mib"] / max(dense["peak_extra_mib"], 1e-9),
+            identical_labels=bool(same),
+        )
+    return result
+
+
+def _e2e_input(workdir: Path, frames: int) -> tuple[Path, Path, str]:
+    sequence = SHARED / "davis2016-val-dev" / "JPEGImages" / "480p" / "blackswan"
+    if sequence.is_dir():
+        annotations = SHARED / "davis2016-val-dev" / "Annotations" / "480p" / "blackswan"
+        return sequence, annotations / "00000.png", "davis2016-val-dev/blackswan"
+    from dino_vos.synthetic import make_clip
+
+    frame_dir, mask_dir = make_clip(frames, (480, 854), 3, seed=0).write(workdir / "clip")
+    return frame_dir, mask_dir / "00000.png", "generated 854x480 clip"
+
+
+def bench_end_to_end(frames: int) -> dict:
+    from dino_vos.api import propagate_video
+    from dino_vos.backbones import load_backbone
+    from dino_vos.features import BackboneFeatures
+    from dino_vos.sources import open_source
+
+    torch.manual_seed(0)
+    backbone = load_backbone("dino_vits8", pretrained=False, device="cpu")
+    extractor = BackboneFeatures(backbone)
+    backbone_seconds = []
+    original = extractor.extract
+
+    def timed_extract(image):
+        start = time.perf_counter()
+        out = original(image)
+        backbone_seconds.append(time.perf_counter() - start)
+        return out
+
+    extractor.extract = timed_extract  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as tmp:
+        frame_dir, mask, label = _e2e_input(Path(tmp), frames)
+        source = open_source(frame_dir, limit=frames)
+        start = time.perf_counter()
+        propagate_video(source, mask, Path(tmp) / "out", extractor)
+        total = time.perf_counter() - start
+    per_frame = total / frames
+    forward = sum(backbone_seconds) / frames
+    return {
+        "input": label,
+        "frames": frames,
+        "backbone": "dino_vits8 (random init), fused attention",
+        "seconds_per_frame": per_frame,
+        "backbone_seconds_per_frame": forward,
+        "outside_backbone_share": 1 - forward / per_frame,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=5, help="frames for the end-to-end run")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--inner", choices=["windowed", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        print(json.dumps(inner(args.inner, args.repeats)))
+        return
+    report = {"torch_threads": torch.get_num_threads(), "step": bench_step(args.skip_dense)}
+    if not args.skip_e2e:
+        report["end_to_end"] = bench_end_to_end(args.frames)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
