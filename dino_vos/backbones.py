@@ -40,6 +40,8 @@ DINO_CHECKPOINT_FILES: dict[str, str] = {
     "dino_vitb8": "dino_vitbase8_pretrain.pth",
 }
 DEFAULT_BACKBONE = "dino_vits8"
+#: The model shipped with dino-vos, used when no other weights can be had (offline).
+SHIPPED_BACKBONE = "dino_vos_tiny"
 #: Models shipped inside the package (``dino_vos/weights/<name>.safetensors``).
 SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -300,6 +302,15 @@ def available_backbones() -> list[str]:
     return [*DINO_MODELS, *shipped]
 
 
+def default_backbone_name() -> str:
+    """The backbone used when none is named: ``dino_vits8`` when its weights are cached or can
+    be downloaded, else the model shipped with dino-vos (when present)."""
+    shipped = SHIPPED_WEIGHTS_DIR / f"{SHIPPED_BACKBONE}.safetensors"
+    if not shipped.is_file() or _hub_cached_file(DINO_MODELS[DEFAULT_BACKBONE]) is not None:
+        return DEFAULT_BACKBONE
+    return DEFAULT_BACKBONE if _online() else SHIPPED_BACKBONE
+
+
 def _pretrained_vit(timm_name: str, short_name: str | None) -> tuple[VisionTransformer, str]:
     cached = _hub_cached_file(timm_name)
     if cached is not None:
@@ -324,7 +335,7 @@ def _pretrained_vit(timm_name: str, short_name: str | None) -> tuple[VisionTrans
 
 
 def load_backbone(
-    name: str | None = DEFAULT_BACKBONE,
+    name: str | None = None,
     weights: str | Path | None = None,
     checkpoint_key: str = "teacher",
     device: str | torch.device = "cpu",
@@ -335,11 +346,13 @@ def load_backbone(
 
     - ``name``: an official DINO short name (``dino_vits8`` ...), a model shipped with dino-vos,
       any timm ViT name, or a path to a weights file. ``None`` infers the architecture from
-      ``weights``.
+      ``weights``, or without weights takes :func:`default_backbone_name`.
     - ``weights``: a local file (official DINO ``.pth``, training checkpoints with
       ``teacher``/``student`` entries, ``.safetensors``, dino-vos checkpoints).
     - ``pretrained=False`` gives a random-init model of the named architecture.
     """
+    if name is None and weights is None:
+        name = default_backbone_name()
     if name is not None and (Path(name).suffix in WEIGHT_SUFFIXES or Path(name).is_file()):
         if weights is not None:
             raise BackboneError("give the weights file either as the backbone or as --weights")
@@ -359,8 +372,6 @@ def load_backbone(
         _load_state(vit, state, str(weights))
         label = name or Path(weights).stem
         weights_id = f"file:{Path(weights).resolve()}:{Path(weights).stat().st_size}"
-    elif name is None:
-        raise BackboneError("no backbone given: pass --backbone NAME or --weights PATH")
     else:
         timm_name, short_name = _resolve_name(name)
         if pretrained:
