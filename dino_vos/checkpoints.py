@@ -7,8 +7,6 @@ checkpoint can never run code. dino-vos writes plain dicts of tensors and builti
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,11 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dino_vos.atomic import atomic_path
 from dino_vos.errors import BackboneError
 
 ARCH_METADATA_KEY = "dino_vos_arch"
 PREFIXES_TO_STRIP = ("module.", "backbone.", "_orig_mod.", "encoder.")
-DROPPED_PREFIXES = ("head.", "head_drop.", "fc_norm.")  # projection / classifier heads
+DROPPED_PREFIXES = ("head.", "head_drop.")  # projection / classifier heads
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -123,17 +122,9 @@ def load_backbone_state(
 
 
 def atomic_torch_save(obj: Mapping[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``torch.save`` a plain dict to a temporary file, then rename it over ``path``."""
+    with atomic_path(path) as tmp:
         torch.save(dict(obj), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_backbone_safetensors(
@@ -144,8 +135,6 @@ def save_backbone_safetensors(
     extra_metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write a backbone state dict with its architecture recorded in the metadata (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
         .detach()
@@ -155,11 +144,5 @@ def save_backbone_safetensors(
     }
     metadata = {ARCH_METADATA_KEY: json.dumps(dict(arch))}
     metadata.update(extra_metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

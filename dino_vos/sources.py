@@ -95,6 +95,10 @@ class FolderSource:
             yield Frame(index, file.stem, image)
 
 
+class DecordUnsupported(RuntimeError):
+    """decord opened the video but cannot decode it correctly (OpenCV is used instead)."""
+
+
 class DecordVideoSource:
     """A video file decoded with decord, one frame at a time."""
 
@@ -112,6 +116,9 @@ class DecordVideoSource:
         self._count = min(count, limit) if limit else count
         self.fps = float(fps or self._reader.get_avg_fps() or DEFAULT_FOLDER_FPS)
         first = self._reader[0].asnumpy()
+        if first.ndim != 3 or first.shape[2] != 3:
+            # decord mis-decodes some frame widths (for example 72 px) into 4 channels
+            raise DecordUnsupported(f"decord gave frames of shape {first.shape}")
         self._size = first.shape[:2]
 
     def __len__(self) -> int:
@@ -210,7 +217,10 @@ def open_source(
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
         if (backend or video_backend()) == "decord":
-            return DecordVideoSource(path, fps=fps, limit=limit)
+            try:
+                return DecordVideoSource(path, fps=fps, limit=limit)
+            except DecordUnsupported:
+                pass
         return OpenCVVideoSource(path, fps=fps, limit=limit)
     if allow_image and suffix in IMAGE_SUFFIXES:
         read_image(path)

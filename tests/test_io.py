@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from dino_vos.errors import InputError
-from dino_vos.masks import ObjectIds, davis_palette, encode_indexed_png, read_mask
+from dino_vos.masks import (
+    ObjectIds,
+    davis_palette,
+    encode_indexed_png,
+    read_mask,
+    write_indexed_png,
+)
 from dino_vos.sources import (
     DecordVideoSource,
     FolderSource,
@@ -16,6 +24,7 @@ from dino_vos.sources import (
     natural_key,
     open_source,
 )
+from dino_vos.synthetic import make_clip
 from dino_vos.transforms import resized_frame_size
 
 
@@ -124,3 +133,21 @@ def test_object_ids_channels_and_void():
     assert onehot.shape == (3, 2, 3)
     assert onehot[:, 1, 0].sum() == 0 and onehot[2, 0, 2] == 1
     assert ids.to_ids(np.array([[2, 0, 1]])).tolist() == [[7, 0, 3]]
+
+
+def test_video_widths_decord_misdecodes_fall_back_to_opencv(tmp_path):
+    clip = make_clip(3, (48, 72), 1, seed=0)  # decord returns 4 garbled channels at width 72
+    clip.write(tmp_path, video=tmp_path / "clip.mp4")
+    frames = [frame.image for frame in open_source(tmp_path / "clip.mp4")]
+    assert frames[0].shape == (48, 72, 3)
+    assert np.abs(frames[0].astype(int) - clip.frames[0]).mean() < 10
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_indexed_png(tmp_path / "mask.png", np.zeros((4, 4), np.uint8))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "mask.png").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
