@@ -17,14 +17,7 @@ from dino_vos.masks import atomic_write_bytes, read_mask
 from dino_vos.pipeline import FrameResult, VideoPropagator
 from dino_vos.propagation import PropagationConfig
 from dino_vos.sources import FrameSource, open_source
-from dino_vos.writers import (
-    MaskWriter,
-    ProbsFormat,
-    StagedOutput,
-    VideoWriter,
-    blend_overlay,
-    encode_probabilities,
-)
+from dino_vos.writers import MaskWriter, ProbsFormat, StagedRun, blend_overlay, encode_probabilities
 
 
 @dataclass
@@ -69,34 +62,26 @@ def propagate_video(
             f"mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the first frame of "
             f"{frames.path} is {w}x{h}: give the annotation of this video's first frame"
         )
-    overlay_path = Path(overlay) if overlay is not None else None
-    if overlay_path is not None and overlay_path.suffix.lower() not in (".mp4", ".avi", ".mov"):
-        raise InputError(f"overlay {overlay_path} must end in .mp4, .avi or .mov")
     config = config or PropagationConfig()
     propagator = VideoPropagator(features, config)
-    output = StagedOutput(out_dir)
-    staged_video = output.path(f"overlay{overlay_path.suffix}") if overlay_path else None
-    video = VideoWriter(staged_video, frames.fps) if staged_video else None
-    writer = MaskWriter(output)
-    start = time.perf_counter()
     object_ids: tuple[int, ...] = ()
-    if on_start is not None:
-        on_start(len(frames))
-    try:
+    with StagedRun(out_dir, overlay, frames.fps) as run:
+        writer = MaskWriter(run.output)
+        if on_start is not None:
+            on_start(len(frames))
+        start = time.perf_counter()
         for result in propagator.propagate(frames, first_mask):
             object_ids = result.object_ids.ids
             writer.write(result.name, result.labels)
             if save_probs and result.soft is not None:
                 atomic_write_bytes(
-                    output.path(f"probs/{result.name}.{save_probs}"),
+                    run.output.path(f"probs/{result.name}.{save_probs}"),
                     encode_probabilities(result.soft, object_ids, save_probs),
                 )
-            if video is not None:
-                video.write(blend_overlay(result.image, result.labels))
+            if run.overlay is not None:
+                run.write_overlay(blend_overlay(result.image, result.labels))
             if on_frame is not None:
                 on_frame(result)
-        if video is not None:
-            video.close()
         seconds = time.perf_counter() - start
         settings = {
             "dino_vos": __version__,
@@ -107,13 +92,7 @@ def propagate_video(
             "seconds": round(seconds, 3),
             **(metadata or {}),
         }
-        external = {staged_video: overlay_path} if staged_video and overlay_path else {}
-        output.commit(settings, external=external)
-    except BaseException:
-        if video is not None:
-            video.close()
-        output.abort()
-        raise
+        run.commit(settings)
     return PropagationSummary(
-        Path(out_dir), len(writer.names), object_ids, seconds, overlay_path, settings
+        Path(out_dir), len(writer.names), object_ids, seconds, run.overlay, settings
     )

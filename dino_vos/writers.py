@@ -78,6 +78,49 @@ class StagedOutput:
             self.out_dir.rmdir()  # only if it stayed empty
 
 
+OVERLAY_SUFFIXES = (".mp4", ".avi", ".mov")
+
+
+class StagedRun:
+    """A staged output folder plus an optional overlay video, committed or discarded together.
+
+    Use as a context manager: an exception (or Ctrl-C) inside the block discards everything;
+    :meth:`commit` moves the outputs and the overlay into place and writes the manifest last.
+    """
+
+    def __init__(self, out_dir: str | Path, overlay: str | Path | None, fps: float) -> None:
+        self.overlay = Path(overlay) if overlay is not None else None
+        if self.overlay is not None and self.overlay.suffix.lower() not in OVERLAY_SUFFIXES:
+            raise InputError(f"overlay {self.overlay} must end in {', '.join(OVERLAY_SUFFIXES)}")
+        self.output = StagedOutput(out_dir)
+        self._staged_video = (
+            self.output.path(f"overlay{self.overlay.suffix}") if self.overlay else None
+        )
+        self._video = VideoWriter(self._staged_video, fps) if self._staged_video else None
+
+    def __enter__(self) -> StagedRun:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._video is not None:
+            self._video.close()
+        if exc_type is not None:
+            self.output.abort()
+
+    def write_overlay(self, rgb: np.ndarray) -> None:
+        """Append one RGB frame to the overlay video (if one was asked for)."""
+        if self._video is not None:
+            self._video.write(rgb)
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        if self._video is not None:
+            self._video.close()
+        external = {}
+        if self._staged_video is not None and self.overlay is not None:
+            external = {self._staged_video: self.overlay}
+        self.output.commit(manifest, external=external)
+
+
 class MaskWriter:
     """Writes ``<stem>.png`` indexed masks (DAVIS palette) into a staged output."""
 
