@@ -1,0 +1,156 @@
+"""``dino-vos pretrain``: DINO pretraining runs, and ``dino-vos pretrain plot`` for their curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dino_vos.console import console
+from dino_vos.errors import InputError
+from pretrain.config import PRECISIONS, PRESETS, load_config_file, resolve_config
+
+#: CLI flag -> config key.
+FLAG_KEYS = {
+    "epochs": "optim.epochs",
+    "batch_size": "optim.batch_size_per_gpu",
+    "lr": "optim.base_lr",
+    "num_workers": "train.num_workers",
+    "threads": "train.num_threads",
+    "device": "train.device",
+    "precision": "train.precision",
+    "save_every": "train.save_every",
+    "seed": "train.seed",
+    "max_minutes": "train.max_minutes",
+    "max_steps": "train.max_steps",
+}
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run was started with (config.yaml, else the checkpoint's copy)."""
+    from pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from pretrain.train import CONFIG_NAME
+
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        return None
+    if (run_dir / CONFIG_NAME).is_file():
+        return load_config_file(run_dir / CONFIG_NAME)
+    return load_checkpoint(run_dir / CHECKPOINT_NAME)["config"]
+
+
+@click.group(
+    name="pretrain",
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Recipe to start from."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML/JSON file of config sections (applied over the preset).",
+)
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Image folder (recursive), frame folders or video files; repeatable.",
+)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Run folder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Per process.")
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Base learning rate per 256 images (scaled by the global batch).",
+)
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Loader workers.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--device", default=None, help="auto, cpu, cuda[:N] [default: auto].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None)
+@click.option(
+    "--save-every", type=click.IntRange(min=0), default=None, help="Checkpoint every N steps."
+)
+@click.option("--seed", type=int, default=None)
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop (with a checkpoint) after this wall time.",
+)
+@click.option(
+    "--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N steps in total."
+)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any config key, e.g. --set optim.base_lr=1e-3 --set crops.local_number=6.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.pass_context
+def pretrain_command(
+    ctx: click.Context,
+    preset: str | None,
+    config_file: Path | None,
+    data: tuple[Path, ...],
+    out_dir: Path | None,
+    assignments: tuple[str, ...],
+    resume: bool,
+    **flags: Any,
+) -> None:
+    """DINO self-distillation pretraining of a ViT (single process, torchrun or srun).
+
+    \b
+    dino-vos pretrain --preset cpu_tiny --data DIR --out RUN_DIR [--epochs N] [--resume]
+    torchrun --nproc_per_node 8 -m dino_vos pretrain --preset vit_small_p8 --data DIR --out RUN
+    dino-vos pretrain plot RUN_DIR/log.jsonl --out curves.png
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out_dir is None:
+        raise click.UsageError("--out RUN_DIR is required (try --help)")
+    from pretrain.train import train
+
+    overrides: dict[str, Any] = {FLAG_KEYS[name]: value for name, value in flags.items()}
+    if data:
+        overrides["data.paths"] = [str(p) for p in data]
+    saved = _saved_config(out_dir) if resume else None
+    if saved is not None:
+        if preset is not None or config_file is not None:
+            console.print("Resuming: the run's saved config is used (--preset/--config ignored)")
+        config = resolve_config(base=saved, overrides=overrides, assignments=assignments)
+    else:
+        if preset is None and config_file is None:
+            raise InputError(
+                "choose a recipe: --preset cpu_tiny|vit_small_p8|vit_base_p8 or --config"
+            )
+        config = resolve_config(preset, config_file, overrides, assignments)
+    if not config.data.paths:
+        raise InputError("no training data: pass --data DIR")
+    train(config, out_dir, resume=resume)
+
+
+@pretrain_command.command(name="plot")
+@click.argument("log", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("curves.png"),
+    show_default=True,
+    help="Image to write (png, pdf, svg).",
+)
+def plot_command(log: Path, out_path: Path) -> None:
+    """Plot loss, teacher entropy, KL, schedules and images/s from a run's LOG (log.jsonl)."""
+    from pretrain.plot import plot_log
+
+    if log.is_dir():
+        log = log / "log.jsonl"
+    console.print(f"Wrote {plot_log(log, out_path)}")
