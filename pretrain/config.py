@@ -10,14 +10,13 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dino_vos.atomic import atomic_write_text
 from dino_vos.errors import InputError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -372,18 +371,3 @@ def save_config(config: PretrainConfig, path: str | Path) -> None:
     else:
         text = yaml.safe_dump(values, sort_keys=False)
     atomic_write_text(path, text)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path`` (mode 0644), then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from dino_vos.atomic import atomic_path
 from dino_vos.errors import InputError
 
 
@@ -70,17 +69,9 @@ def plot_log(log_path: str | Path, out_path: str | Path) -> Path:
     if out_path.suffix.lstrip(".").lower() not in supported:
         plt.close(fig)
         raise InputError(f"cannot write {out_path}: use one of .{', .'.join(sorted(supported))}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{out_path.stem}.", suffix=out_path.suffix, dir=out_path.parent
-    )
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(out_path, suffix=out_path.suffix) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return out_path

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from dino_vos.atomic import atomic_write_text
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.console import console, progress_bar
 from dino_vos.errors import DinoVosError, InputError
@@ -39,7 +40,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pretrain.config import PretrainConfig, atomic_write_text, save_config
+from pretrain.config import PretrainConfig, save_config
 from pretrain.data import EpochSampler, MultiCropDataset, collate_crops, scan_paths
 from pretrain.distributed import DistInfo
 from pretrain.loss import DINOLoss
