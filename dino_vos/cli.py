@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from dino_vos import __version__
-from dino_vos.backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from dino_vos.backbones import DEFAULT_BACKBONE, SHIPPED_BACKBONE, Backbone, load_backbone
 from dino_vos.console import console, progress_bar
 from dino_vos.errors import DinoVosError
 from dino_vos.features import BackboneFeatures, ResizeSpec
@@ -38,7 +38,8 @@ def backbone_options(func: Callable) -> Callable:
             "--backbone",
             default=None,
             help=f"Model name: dino_vits8, dino_vits16, dino_vitb8, dino_vitb16, a timm ViT name "
-            f"or a weights file [default: {DEFAULT_BACKBONE}, or inferred from --weights].",
+            f"or a weights file [default: {DEFAULT_BACKBONE} when its weights are cached or "
+            f"online, else the shipped {SHIPPED_BACKBONE}; inferred from --weights if given].",
         ),
         click.option(
             "--weights",
@@ -79,10 +80,9 @@ def load_backbone_from_options(
     device: str,
 ) -> Backbone:
     """Build the backbone the common options describe and say which one is used."""
-    name = backbone if (backbone is not None or weights is not None) else DEFAULT_BACKBONE
-    with console.status(f"Loading backbone {name or weights} ..."):
+    with console.status(f"Loading backbone {backbone or weights or 'default'} ..."):
         model = load_backbone(
-            name,
+            backbone,
             weights=weights,
             checkpoint_key=checkpoint_key,
             device=device,
@@ -233,10 +233,86 @@ def propagate(
     )
 
 
+@main.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("dino-vos-demo"),
+    show_default=True,
+    help="Output folder.",
+)
+@click.option(
+    "--video",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Your own clip (video file or frame folder) instead of the generated one.",
+)
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="First-frame annotation of --video.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Generated clip's seed.")
+@backbone_options
+@resize_options
+def demo(out_dir: Path, video: Path | None, mask: Path | None, seed: int, **options: Any) -> None:
+    """Run the main job offline: propagate a generated clip (or --video/--mask) and score it."""
+    from rich.table import Table
+
+    from dino_vos.backbones import SHIPPED_BACKBONE, SHIPPED_WEIGHTS_DIR
+    from dino_vos.demo import run_demo
+
+    if (video is None) != (mask is None):
+        raise DinoVosError("give --video and --mask together (or neither for the generated clip)")
+    shipped = (SHIPPED_WEIGHTS_DIR / f"{SHIPPED_BACKBONE}.safetensors").is_file()
+    if options["backbone"] is None and options["weights"] is None and shipped:
+        options["backbone"] = SHIPPED_BACKBONE
+    resize = ResizeSpec(options.pop("short_side"), options.pop("resize_rule"))
+    model = load_backbone_from_options(**options)
+    features = BackboneFeatures(model, resize)
+    with progress_bar("frames") as progress:
+        task = progress.add_task("Propagating", total=None)
+        result = run_demo(
+            out_dir,
+            features,
+            video=video,
+            mask=mask,
+            seed=seed,
+            on_start=lambda total: progress.update(task, total=total),
+            on_frame=lambda _: progress.advance(task),
+            metadata={"backbone": model.name, "weights": model.weights_id, "resize": resize.key()},
+        )
+    summary = result.summary
+    console.print(
+        f"Wrote {summary.num_frames} masks to {summary.out_dir} and {summary.overlay} in "
+        f"{summary.seconds:.1f} s ({summary.frames_per_second:.2f} frames/s)"
+    )
+    if result.scores is None or result.per_object is None:
+        return
+    table = Table(title=f"J&F on the generated clip ({model.name})")
+    for column in ("object", "J-Mean", "F-Mean", "J&F-Mean"):
+        table.add_column(column, justify="right")
+    for object_id, stats in result.per_object.items():
+        jf = (stats["J-Mean"] + stats["F-Mean"]) / 2
+        table.add_row(str(object_id), *(f"{v:.3f}" for v in (stats["J-Mean"], stats["F-Mean"], jf)))
+    s = result.scores
+    table.add_row(
+        "all", f"{s['J-Mean']:.3f}", f"{s['F-Mean']:.3f}", f"{s['J&F-Mean']:.3f}", style="bold"
+    )
+    console.print(table)
+
+
 def _register_subcommands() -> None:
+    from dino_vos.cli_export import attention_command, features_command
     from eval.cli import eval_group
+    from pretrain.cli import pretrain_command
 
     main.add_command(eval_group)
+    main.add_command(pretrain_command)
+    main.add_command(attention_command)
+    main.add_command(features_command)
 
 
 _register_subcommands()

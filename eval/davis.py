@@ -1,0 +1,427 @@
+"""DAVIS benchmark runner: propagate every sequence with the engine, score it, merge the scores.
+
+- One sequence = :func:`dino_vos.api.propagate_video` into ``OUT/<seq>/`` (staged outputs, a
+  ``dino-vos.json`` manifest written last), then J&F of its PNGs against the annotations. A
+  sequence whose manifest exists and records the same backbone weights, resize rule, propagation
+  parameters and frame count is not propagated again; anything else is redone.
+- ``workers > 1`` runs sequences in spawned processes (each builds the same backbone from a
+  :class:`BackboneSpec`); under ``torchrun`` (``RANK``/``WORLD_SIZE``) every rank takes a shard
+  balanced by frame count and rank 0 gathers the scores over a gloo process group.
+- Scoring only (``results_dir`` without propagation) reads ``RESULTS/<seq>/<stem>.png`` like the
+  official tool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino_vos.backbones import DEFAULT_BACKBONE, load_backbone
+from dino_vos.errors import DinoVosError, InputError
+from dino_vos.features import BackboneFeatures, ResizeSpec
+from dino_vos.propagation import PropagationConfig
+from dino_vos.sources import FolderSource
+from dino_vos.writers import is_complete, read_manifest
+from eval.cache import CacheStats, FeatureCache, weights_fingerprint
+from eval.davis_data import DavisSequence, read_results
+from eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
+
+DISTRIBUTED_TIMEOUT = timedelta(days=3)  # ranks wait for the slowest shard before merging
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """The backbone options, so that worker processes and ranks build the same model."""
+
+    backbone: str | None = None
+    weights: str | None = None
+    checkpoint_key: str = "teacher"
+    random_init: bool = False
+    pos_embed: str = "reference"
+    device: str = "auto"
+    seed: int = 0
+    short_side: int | None = 480
+    resize_rule: str = "reference"
+
+    @property
+    def name(self) -> str | None:
+        return self.backbone if (self.backbone or self.weights) else DEFAULT_BACKBONE
+
+    def resize(self) -> ResizeSpec:
+        return ResizeSpec(self.short_side, self.resize_rule)  # type: ignore[arg-type]
+
+    def load(self) -> BackboneFeatures:
+        """Build the backbone (random init seeded with ``seed``) on this rank's device."""
+        torch.manual_seed(self.seed)
+        model = load_backbone(
+            self.name,
+            weights=self.weights,
+            checkpoint_key=self.checkpoint_key,
+            device=rank_device(self.device),
+            pos_embed=self.pos_embed,  # type: ignore[arg-type]
+            pretrained=not self.random_init,
+        )
+        return BackboneFeatures(model, self.resize())
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) from the torchrun environment; (0, 1) outside it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_device(device: str) -> str:
+    """Under torchrun with several ranks, ``auto``/``cuda`` become ``cuda:<LOCAL_RANK>``."""
+    _, world = distributed_env()
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
+@dataclass
+class SequenceResult:
+    """Scores of one sequence and how they were obtained."""
+
+    name: str
+    objects: list[ObjectScores]
+    frames: int  # frames propagated in this run (0 when skipped or scoring only)
+    seconds: float  # propagation time in this run
+    status: str  # "propagated", "skipped" (complete outputs found) or "scored"
+    cache: CacheStats = field(default_factory=CacheStats)
+    rank: int = 0  # torchrun rank that handled it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "frames": self.frames,
+            "seconds": round(self.seconds, 3),
+            "status": self.status,
+            "cache": asdict(self.cache),
+            "rank": self.rank,
+            "objects": [obj.name for obj in self.objects],
+        }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one process needs to handle sequences (picklable)."""
+
+    results_dir: Path  # masks are scored from here (= out_dir when propagating)
+    propagate: bool
+    config: PropagationConfig = field(default_factory=PropagationConfig)
+    cache_dir: Path | None = None
+    ignore_void: bool = False
+    bound_th: float = BOUNDARY_THRESHOLD
+
+
+def score_sequence(
+    sequence: DavisSequence,
+    results_dir: str | Path,
+    ignore_void: bool = False,
+    bound_th: float = BOUNDARY_THRESHOLD,
+) -> list[ObjectScores]:
+    """Per-object J and F of ``results_dir/<seq>/*.png`` on the sequence's scored frames."""
+    gt = sequence.read_annotations()
+    num_objects = sequence.num_objects()
+    pred = read_results(results_dir, sequence, num_objects, gt.shape[1:])
+    j, f = score_frames(gt, pred, num_objects, ignore_void, bound_th)
+    return [ObjectScores(sequence.name, k + 1, j[k], f[k]) for k in range(num_objects)]
+
+
+class SequenceEvaluator:
+    """Propagates (when asked) and scores sequences in the current process."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        features: BackboneFeatures | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        if settings.propagate and features is None:
+            raise ValueError("propagation needs features")
+        self.settings = settings
+        self.features = features
+        self.fingerprint = fingerprint
+        if features is not None and self.fingerprint is None:
+            self.fingerprint = weights_fingerprint(features.backbone)
+        self.cache = (
+            FeatureCache(features, settings.cache_dir, self.fingerprint)
+            if features is not None and settings.cache_dir is not None
+            else None
+        )
+
+    def expected_manifest(self, sequence: DavisSequence) -> dict[str, Any]:
+        """Manifest entries a finished, reusable propagation of ``sequence`` must hold."""
+        assert self.features is not None
+        backbone = self.features.backbone
+        return {
+            "frames": len(sequence.frames),
+            "propagation": self.settings.config.to_dict(),
+            "backbone": backbone.name,
+            "weights_fingerprint": self.fingerprint,
+            "pos_embed": backbone.pos_embed_mode,
+            "resize": self.features.resize.key(),
+        }
+
+    def is_up_to_date(self, sequence: DavisSequence) -> bool:
+        out = self.settings.results_dir / sequence.name
+        if not is_complete(out):
+            return False
+        manifest = read_manifest(out)
+        if any(manifest.get(k) != v for k, v in self.expected_manifest(sequence).items()):
+            return False
+        return all((out / f"{stem}.png").is_file() for stem in sequence.stems)
+
+    def propagate(
+        self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None
+    ) -> tuple[float, CacheStats]:
+        """Propagate the first annotation through the frames; returns (seconds, cache stats)."""
+        from dino_vos.api import propagate_video
+
+        assert self.features is not None
+        extractor = self.cache.for_sequence(sequence.name) if self.cache else self.features
+        before = CacheStats(**asdict(self.cache.stats)) if self.cache else CacheStats()
+        source = FolderSource(sequence.frames_dir, limit=len(sequence.frames))
+        summary = propagate_video(
+            source,
+            sequence.first_mask(),
+            self.settings.results_dir / sequence.name,
+            extractor,
+            self.settings.config,
+            on_frame=(lambda _: on_frame()) if on_frame else None,
+            metadata={
+                **self.expected_manifest(sequence),
+                "weights": self.features.backbone.weights_id,
+                "sequence": sequence.name,
+            },
+        )
+        delta = CacheStats()
+        if self.cache is not None:
+            delta = CacheStats(
+                self.cache.stats.hits - before.hits, self.cache.stats.misses - before.misses
+            )
+        return summary.seconds, delta
+
+    def run(
+        self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None
+    ) -> SequenceResult:
+        seconds, frames, cache = 0.0, 0, CacheStats()
+        status = "scored"
+        if self.settings.propagate:
+            if self.is_up_to_date(sequence):
+                status = "skipped"
+            else:
+                seconds, cache = self.propagate(sequence, on_frame)
+                frames, status = len(sequence.frames), "propagated"
+        objects = score_sequence(
+            sequence, self.settings.results_dir, self.settings.ignore_void, self.settings.bound_th
+        )
+        return SequenceResult(sequence.name, objects, frames, seconds, status, cache)
+
+
+# --- worker processes -------------------------------------------------------------------------
+
+_worker: SequenceEvaluator | None = None
+_progress_queue: Any = None
+
+
+def _init_worker(
+    settings: RunSettings,
+    spec: BackboneSpec | None,
+    fingerprint: str | None,
+    threads: int,
+    queue: Any,
+) -> None:
+    global _worker, _progress_queue
+    torch.set_num_threads(threads)
+    features = spec.load() if (spec is not None and settings.propagate) else None
+    if features is not None and fingerprint is not None:
+        built = weights_fingerprint(features.backbone)
+        if built != fingerprint:
+            raise DinoVosError(
+                "a worker process built different backbone weights than the main process: pass "
+                "--weights FILE (or use --workers 1)"
+            )
+    _worker = SequenceEvaluator(settings, features, fingerprint)
+    _progress_queue = queue
+
+
+def _run_in_worker(sequence: DavisSequence) -> SequenceResult:
+    assert _worker is not None
+    return _worker.run(sequence, on_frame=lambda: _progress_queue.put(1))
+
+
+def _drain(queue: Any, advance: Callable[[int], None]) -> None:
+    count = 0
+    while not queue.empty():
+        queue.get_nowait()
+        count += 1
+    if count:
+        advance(count)
+
+
+def run_sequences(
+    sequences: Sequence[DavisSequence],
+    settings: RunSettings,
+    features: BackboneFeatures | None = None,
+    spec: BackboneSpec | None = None,
+    fingerprint: str | None = None,
+    workers: int = 1,
+    advance: Callable[[int], None] | None = None,
+) -> list[SequenceResult]:
+    """Handle ``sequences`` here (``workers == 1``) or in worker processes; keeps their order.
+
+    ``advance(n)`` reports progress in frames (propagated, or scored when not propagating).
+    """
+    advance = advance or (lambda _: None)
+    if workers <= 1 or len(sequences) <= 1:
+        evaluator = SequenceEvaluator(settings, features, fingerprint)
+        results = []
+        for sequence in sequences:
+            result = evaluator.run(sequence, on_frame=lambda: advance(1))
+            advance(len(sequence.annotations) - result.frames)
+            results.append(result)
+        return results
+    if settings.propagate and spec is None:
+        raise ValueError("worker processes need a BackboneSpec to build the backbone")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = min(workers, len(sequences))
+    threads = max(1, torch.get_num_threads() // workers)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].annotations))
+    results: list[SequenceResult | None] = [None] * len(sequences)
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(settings, spec, fingerprint, threads, queue),
+    ) as pool:
+        futures = {pool.submit(_run_in_worker, sequences[i]): i for i in order}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                _drain(queue, advance)
+                for future in done:
+                    index = futures[future]
+                    result = future.result()
+                    results[index] = result
+                    advance(len(sequences[index].annotations) - result.frames)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        _drain(queue, advance)
+    return [r for r in results if r is not None]
+
+
+# --- sharding over torchrun ranks -------------------------------------------------------------
+
+
+def shard_sequences(
+    sequences: Sequence[DavisSequence], rank: int, world: int
+) -> list[DavisSequence]:
+    """This rank's sequences: longest first to the least-loaded rank, kept in dataset order."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    loads = [0] * world
+    owner: dict[int, int] = {}
+    for index in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].annotations), i)):
+        target = min(range(world), key=lambda r: (loads[r], r))
+        owner[index] = target
+        loads[target] += len(sequences[index].annotations)
+    return [s for i, s in enumerate(sequences) if owner[i] == rank]
+
+
+def merge_results(
+    shards: Sequence[Sequence[SequenceResult]], names: Sequence[str]
+) -> list[SequenceResult]:
+    """Concatenate the ranks' results in dataset order; every sequence exactly once."""
+    by_name: dict[str, SequenceResult] = {}
+    for shard in shards:
+        for result in shard:
+            if result.name in by_name:
+                raise RuntimeError(f"sequence {result.name} was evaluated by two ranks")
+            by_name[result.name] = result
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise RuntimeError(f"no scores for {len(missing)} sequence(s): {', '.join(missing[:5])}")
+    return [by_name[n] for n in names]
+
+
+def gather_results(
+    local: list[SequenceResult], names: Sequence[str], rank: int, world: int
+) -> list[SequenceResult] | None:
+    """Merged results on rank 0 (None on the other ranks); a gloo group carries the scores."""
+    if world <= 1:
+        return merge_results([local], names)
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=DISTRIBUTED_TIMEOUT)
+        group = None
+    else:
+        group = dist.new_group(backend="gloo", timeout=DISTRIBUTED_TIMEOUT)
+    try:
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(local, gathered, dst=0, group=group)
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return merge_results(gathered, names) if gathered is not None else None
+
+
+@dataclass
+class DavisRun:
+    """Merged results of a benchmark run (rank 0)."""
+
+    results: list[SequenceResult]
+    seconds: float
+    fingerprint: str | None = None  # weights hash (None when only scoring)
+
+    @property
+    def objects(self) -> list[ObjectScores]:
+        return [obj for result in self.results for obj in result.objects]
+
+    @property
+    def propagated_frames(self) -> int:
+        return sum(r.frames for r in self.results)
+
+    @property
+    def cache(self) -> CacheStats:
+        total = CacheStats()
+        for result in self.results:
+            total.add(result.cache)
+        return total
+
+
+def evaluate_davis(
+    sequences: Sequence[DavisSequence],
+    settings: RunSettings,
+    features: BackboneFeatures | None = None,
+    spec: BackboneSpec | None = None,
+    workers: int = 1,
+    advance: Callable[[int], None] | None = None,
+) -> DavisRun | None:
+    """Run this rank's shard and merge on rank 0; returns None on the other ranks."""
+    if settings.propagate and features is None:
+        raise InputError("propagation needs a backbone: pass --backbone/--weights or --results")
+    start = time.perf_counter()
+    rank, world = distributed_env()
+    fingerprint = weights_fingerprint(features.backbone) if features is not None else None
+    shard = shard_sequences(sequences, rank, world)
+    local = run_sequences(shard, settings, features, spec, fingerprint, workers, advance)
+    for result in local:
+        result.rank = rank
+    merged = gather_results(local, [s.name for s in sequences], rank, world)
+    if merged is None:
+        return None
+    return DavisRun(merged, time.perf_counter() - start, fingerprint)
