@@ -115,6 +115,43 @@ def resize_options(func: Callable) -> Callable:
     )(func)
 
 
+def propagation_options(func: Callable) -> Callable:
+    """--topk/--context/--radius/--temperature, defaulting to the DINO reference protocol."""
+    options = [
+        click.option(
+            "--topk",
+            type=click.IntRange(min=1),
+            default=5,
+            show_default=True,
+            help="Neighbours kept jointly over the context frames.",
+        ),
+        click.option(
+            "--context",
+            type=click.IntRange(min=0),
+            default=7,
+            show_default=True,
+            help="Recent frames used besides the first one.",
+        ),
+        click.option(
+            "--radius",
+            type=int,
+            default=12,
+            show_default=True,
+            help="Square window half-size in patches (0: whole frame).",
+        ),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            default=0.1,
+            show_default=True,
+            help="Softmax temperature of the affinities.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def with_backbone_features(func: Callable) -> Callable:
     """Decorate a command with backbone and resize options; it receives ``features=``."""
 
@@ -153,24 +190,7 @@ def main() -> None:
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
 )
-@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option(
-    "--context",
-    type=click.IntRange(min=0),
-    default=7,
-    show_default=True,
-    help="Recent frames used besides the first one.",
-)
-@click.option(
-    "--radius",
-    type=int,
-    default=12,
-    show_default=True,
-    help="Square window half-size in patches (0: whole frame).",
-)
-@click.option(
-    "--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True
-)
+@propagation_options
 @click.option(
     "--overlay",
     type=click.Path(path_type=Path),

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dino_vos.cli import backbone_options, resize_options
+from dino_vos.cli import backbone_options, propagation_options, resize_options
 
 
 @click.command("davis")
@@ -39,14 +39,7 @@ from dino_vos.cli import backbone_options, resize_options
     default=None,
     help="Output folder: masks per sequence, CSVs, JSON, plot [--results: default RESULTS].",
 )
-@click.option("--topk", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--context", type=click.IntRange(min=0), default=7, show_default=True)
-@click.option(
-    "--radius", type=int, default=12, show_default=True, help="Window half-size (0: whole frame)."
-)
-@click.option(
-    "--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True
-)
+@propagation_options
 @click.option(
     "--cache",
     "cache_dir",
