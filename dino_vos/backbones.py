@@ -178,9 +178,10 @@ def _create_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> Visi
     return _require_vit(model, timm_name)
 
 
-def _build_vit(arch: Mapping[str, Any]) -> VisionTransformer:
+def build_vit(arch: Mapping[str, Any], **overrides: Any) -> VisionTransformer:
+    """A random-init timm ViT from ``{"model": timm name, "kwargs": {...}}`` (plus overrides)."""
     try:
-        return _create_vit(arch["model"], **dict(arch.get("kwargs", {})))
+        return _create_vit(arch["model"], **{**dict(arch.get("kwargs", {})), **overrides})
     except BackboneError:
         raise
     except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError/...
@@ -368,7 +369,7 @@ def load_backbone(
             arch: Mapping[str, Any] = {"model": timm_name.split(".")[0], "kwargs": {}}
         else:
             arch = recorded_arch or infer_arch(state)
-            vit = _build_vit(arch)
+            vit = build_vit(arch)
         _load_state(vit, state, str(weights))
         label = name or Path(weights).stem
         weights_id = f"file:{Path(weights).resolve()}:{Path(weights).stat().st_size}"

@@ -95,11 +95,27 @@ class FolderSource:
             yield Frame(index, file.stem, image)
 
 
+class _VideoFile:
+    """Shared parts of the video sources: a path, a frame count, a frame size and a rate."""
+
+    path: Path
+    fps: float
+    _count: int
+    _size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self._size
+
+
 class DecordUnsupported(RuntimeError):
     """decord opened the video but cannot decode it correctly (OpenCV is used instead)."""
 
 
-class DecordVideoSource:
+class DecordVideoSource(_VideoFile):
     """A video file decoded with decord, one frame at a time."""
 
     def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
@@ -121,13 +137,6 @@ class DecordVideoSource:
             raise DecordUnsupported(f"decord gave frames of shape {first.shape}")
         self._size = first.shape[:2]
 
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        return self._size
-
     def __iter__(self) -> Iterator[Frame]:
         self._reader.seek(0)
         for index in range(self._count):
@@ -140,7 +149,7 @@ class DecordVideoSource:
             yield Frame(index, f"{index:05d}", image)
 
 
-class OpenCVVideoSource:
+class OpenCVVideoSource(_VideoFile):
     """A video file decoded with OpenCV (fallback where decord is not installed)."""
 
     def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
@@ -157,13 +166,6 @@ class OpenCVVideoSource:
         capture.release()
         self._count = min(count, limit) if limit else count
         self._size = first.shape[:2]
-
-    def __len__(self) -> int:
-        return self._count
-
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        return self._size
 
     def __iter__(self) -> Iterator[Frame]:
         capture = cv2.VideoCapture(str(self.path))

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from dino_vos.errors import InputError
+from dino_vos.backbones import build_vit
 from pretrain.config import PretrainConfig
-
-
-def build_vit(arch: Mapping[str, Any], drop_path_rate: float = 0.0) -> VisionTransformer:
-    """A timm ViT from ``{"model": name, "kwargs": {...}}`` returning the CLS token features."""
-    kwargs = dict(arch.get("kwargs", {}))
-    kwargs.update(num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
-    try:
-        model = timm.create_model(arch["model"], pretrained=False, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError/TypeError
-        raise InputError(
-            f"cannot build the student architecture {dict(arch)}: {exc}; fix student.arch or "
-            "student.kwargs"
-        ) from exc
-    if not isinstance(model, VisionTransformer):
-        raise InputError(f"student.arch '{arch['model']}' is not a timm ViT: pick a vit_* model")
-    return model
 
 
 class DINOHead(nn.Module):

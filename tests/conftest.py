@@ -19,6 +19,18 @@ TINY_ARCH = {
     "kwargs": {"patch_size": 8, "depth": 2, "img_size": 64, "embed_dim": 48, "num_heads": 3},
 }
 
+#: ``--set`` overrides that shrink the cpu_tiny pretraining preset for tests (1 block, 32/16 px
+#: crops, a small head).
+PRETRAIN_TINY_OVERRIDES = [
+    "student.kwargs={patch_size: 8, depth: 1, embed_dim: 48, num_heads: 3, img_size: 32}",
+    "crops.global_size=32",
+    "crops.local_size=16",
+    "crops.local_number=2",
+    "head.out_dim=64",
+    "head.hidden_dim=32",
+    "head.bottleneck_dim=16",
+]
+
 
 def requires_shared_data(*parts: str):
     """Skip a test (with a message) when ../shared/data (or a path inside it) is absent."""

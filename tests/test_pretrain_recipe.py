@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PRETRAIN_TINY_OVERRIDES
 from torchvision.transforms import v2
 
 from dino_vos.errors import InputError
@@ -23,15 +24,7 @@ from pretrain.model import DINOHead, MultiCropWrapper, build_student_teacher, up
 from pretrain.schedules import cosine_schedule, teacher_temp_schedule
 from pretrain.train import cancel_last_layer_gradients, clip_gradients, param_groups
 
-TINY = [
-    "student.kwargs={patch_size: 8, depth: 1, embed_dim: 48, num_heads: 3, img_size: 32}",
-    "crops.global_size=32",
-    "crops.local_size=16",
-    "crops.local_number=2",
-    "head.out_dim=64",
-    "head.hidden_dim=32",
-    "head.bottleneck_dim=16",
-]
+TINY = PRETRAIN_TINY_OVERRIDES
 
 
 # -- schedules ------------------------------------------------------------------------------------

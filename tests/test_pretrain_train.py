@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import PRETRAIN_TINY_OVERRIDES
 
 from dino_vos.backbones import load_backbone
 from dino_vos.cli import main
@@ -26,13 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # cpu_tiny shrunk for tests: 1 block of 48-d, crops 32/16 px, batch 4, 12 images -> 3 steps/epoch.
 TINY = [
-    "student.kwargs={patch_size: 8, depth: 1, embed_dim: 48, num_heads: 3, img_size: 32}",
-    "crops.global_size=32",
-    "crops.local_size=16",
-    "crops.local_number=2",
-    "head.out_dim=64",
-    "head.hidden_dim=32",
-    "head.bottleneck_dim=16",
+    *PRETRAIN_TINY_OVERRIDES,
     "optim.batch_size_per_gpu=4",
     "optim.epochs=2",
     "optim.warmup_epochs=1",
