@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dino_vos.backbones import DEFAULT_BACKBONE, load_backbone
+from dino_vos.backbones import default_backbone_name, load_backbone
 from dino_vos.errors import DinoVosError, InputError
 from dino_vos.features import BackboneFeatures, ResizeSpec
 from dino_vos.propagation import PropagationConfig
@@ -54,7 +54,7 @@ class BackboneSpec:
 
     @property
     def name(self) -> str | None:
-        return self.backbone if (self.backbone or self.weights) else DEFAULT_BACKBONE
+        return self.backbone if (self.backbone or self.weights) else default_backbone_name()
 
     def resize(self) -> ResizeSpec:
         return ResizeSpec(self.short_side, self.resize_rule)  # type: ignore[arg-type]
