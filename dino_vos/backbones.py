@@ -359,7 +359,15 @@ def load_backbone(
             raise BackboneError("give the weights file either as the backbone or as --weights")
         name, weights = None, name
     shipped = SHIPPED_WEIGHTS_DIR / f"{name}.safetensors" if name else None
+    if not pretrained and weights is not None:
+        raise BackboneError("random init takes no weights file: drop --weights or --random-init")
     if weights is None and shipped is not None and shipped.is_file():
+        if not pretrained:  # the shipped architecture, freshly initialised
+            state, recorded_arch = load_backbone_state(shipped, checkpoint_key)
+            arch = recorded_arch or infer_arch(state)
+            backbone = Backbone(build_vit(arch), f"{name} (random init)", pos_embed, arch)
+            backbone.weights_id = "random"
+            return backbone.to(resolve_device(device)).eval()
         weights = shipped
     if weights is not None:
         state, recorded_arch = load_backbone_state(weights, checkpoint_key)

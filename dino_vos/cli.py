@@ -12,6 +12,7 @@ import click
 from dino_vos import __version__
 from dino_vos.backbones import DEFAULT_BACKBONE, SHIPPED_BACKBONE, Backbone, load_backbone
 from dino_vos.console import console, progress_bar
+from dino_vos.demo import DEMO_SIZE
 from dino_vos.errors import DinoVosError
 from dino_vos.features import BackboneFeatures, ResizeSpec
 from dino_vos.transforms import RESIZE_RULES
@@ -96,8 +97,10 @@ def load_backbone_from_options(
     return model
 
 
-def resize_options(func: Callable) -> Callable:
-    """--short-side and --resize-rule."""
+def resize_options(func: Callable | None = None, *, short_side: int = 480) -> Callable:
+    """--short-side (default ``short_side``) and --resize-rule; usable with or without arguments."""
+    if func is None:
+        return functools.partial(resize_options, short_side=short_side)
     func = click.option(
         "--resize-rule",
         type=click.Choice(RESIZE_RULES),
@@ -109,7 +112,7 @@ def resize_options(func: Callable) -> Callable:
     return click.option(
         "--short-side",
         type=click.IntRange(min=8),
-        default=480,
+        default=short_side,
         show_default=True,
         help="Short side of the network input in pixels.",
     )(func)
@@ -275,9 +278,24 @@ def propagate(
     help="First-frame annotation of --video.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Generated clip's seed.")
+@click.option(
+    "--clip-style",
+    type=click.Choice(["grass", "colour"]),
+    default="grass",
+    show_default=True,
+    help="Generated clip: objects close in colour to a grainy background (grass), where trained "
+    "features matter, or saturated objects on grey (colour), easy for any backbone.",
+)
 @backbone_options
-@resize_options
-def demo(out_dir: Path, video: Path | None, mask: Path | None, seed: int, **options: Any) -> None:
+@resize_options(short_side=DEMO_SIZE[0])
+def demo(
+    out_dir: Path,
+    video: Path | None,
+    mask: Path | None,
+    seed: int,
+    clip_style: str,
+    **options: Any,
+) -> None:
     """Run the main job offline: propagate a generated clip (or --video/--mask) and score it."""
     from rich.table import Table
 
@@ -300,6 +318,7 @@ def demo(out_dir: Path, video: Path | None, mask: Path | None, seed: int, **opti
             video=video,
             mask=mask,
             seed=seed,
+            clip_style=clip_style,
             on_start=lambda total: progress.update(task, total=total),
             on_frame=lambda _: progress.advance(task),
             metadata={"backbone": model.name, "weights": model.weights_id, "resize": resize.key()},

@@ -46,6 +46,7 @@ def run_demo(
     mask: str | Path | None = None,
     config: PropagationConfig | None = None,
     seed: int = 0,
+    clip_style: str = "grass",
     on_start=None,
     on_frame=None,
     metadata: dict | None = None,
@@ -54,11 +55,12 @@ def run_demo(
 
     Writes ``masks/`` (indexed PNGs) and ``overlay.mp4``; on the generated clip also
     ``clip/frames`` and ``clip/masks`` (the ground truth) and returns the J&F scores.
+    ``clip_style`` names the generated clip's look (:data:`dino_vos.synthetic.CLIP_STYLES`).
     """
     out_dir = Path(out_dir)
     clip_dir = None
     if video is None:
-        clip = make_clip(DEMO_FRAMES, DEMO_SIZE, DEMO_OBJECTS, seed=seed)
+        clip = make_clip(DEMO_FRAMES, DEMO_SIZE, DEMO_OBJECTS, seed=seed, style=clip_style)
         clip_dir = out_dir / "clip"
         video, mask_dir = clip.write(clip_dir)
         mask = mask_dir / "00000.png"

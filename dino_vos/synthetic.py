@@ -13,7 +13,7 @@ import numpy as np
 
 from dino_vos.masks import write_indexed_png
 
-#: Distinct, saturated object colours (RGB).
+#: Distinct, saturated object colours (RGB) of the ``colour`` style.
 OBJECT_COLOURS = (
     (220, 40, 40),
     (40, 200, 60),
@@ -22,6 +22,38 @@ OBJECT_COLOURS = (
     (200, 40, 200),
     (30, 210, 210),
 )
+
+
+@dataclass(frozen=True)
+class ClipStyle:
+    """Colours and textures of a generated clip.
+
+    Textures are smooth Gaussian noise: ``*_grain`` is the noise cell size in pixels (small is
+    fine-grained) and ``*_amplitude`` its standard deviation in grey levels.
+    """
+
+    background_colour: tuple[int, int, int]
+    background_grain: int
+    background_amplitude: float
+    object_colours: tuple[tuple[int, int, int], ...]
+    object_grain: int
+    object_amplitude: float
+
+
+#: ``colour``: saturated objects over a grey background; easy even for random features.
+#: ``grass``: smooth objects in colours close to a fine-grained tan background (a dog on dry
+#: grass): telling them apart takes texture, which trained features see and raw pixels do not.
+CLIP_STYLES: dict[str, ClipStyle] = {
+    "colour": ClipStyle((110, 110, 100), 8, 30.0, OBJECT_COLOURS, 8, 25.0),
+    "grass": ClipStyle(
+        (170, 150, 120),
+        2,
+        40.0,
+        ((200, 180, 150), (150, 130, 100), (185, 160, 120), (160, 150, 130)),
+        16,
+        15.0,
+    ),
+}
 
 
 @dataclass
@@ -58,9 +90,11 @@ class SyntheticClip:
         return frame_dir, mask_dir
 
 
-def _texture(rng: np.random.Generator, height: int, width: int, base, amplitude: float):
+def _texture(
+    rng: np.random.Generator, height: int, width: int, base, amplitude: float, grain: int = 8
+):
     """A smooth random luminance texture around colour ``base`` (H, W, 3) float32."""
-    noise = rng.normal(0, 1, (height // 8 + 2, width // 8 + 2)).astype(np.float32)
+    noise = rng.normal(0, 1, (height // grain + 2, width // grain + 2)).astype(np.float32)
     noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
     return np.clip(np.asarray(base, np.float32) + amplitude * noise, 0, 255)
 
@@ -73,19 +107,32 @@ def make_clip(
     textured: bool = True,
     speed: float = 3.0,
     object_ids: tuple[int, ...] | None = None,
+    style: str = "colour",
 ) -> SyntheticClip:
-    """Objects of distinct colours (ellipses and rectangles) moving over a background.
+    """Textured objects (ellipses and rectangles) moving over a textured background.
 
     Later objects are drawn over earlier ones, so they occlude each other when they meet.
-    ``object_ids`` sets the label of each object (default 1..num_objects).
+    ``object_ids`` sets the label of each object (default 1..num_objects); ``style`` names a
+    :data:`CLIP_STYLES` entry; ``textured=False`` draws flat colours.
     """
     rng = np.random.default_rng(seed)
     height, width = size
     ids = object_ids or tuple(range(1, num_objects + 1))
     if len(ids) != num_objects:
         raise ValueError("object_ids must name every object")
-    amplitude = 25.0 if textured else 0.0
-    background = _texture(rng, height, width, (110, 110, 100), amplitude * 1.2)
+    if style not in CLIP_STYLES:
+        raise ValueError(f"unknown clip style {style!r}; choose one of {sorted(CLIP_STYLES)}")
+    look = CLIP_STYLES[style]
+    scale = 1.0 if textured else 0.0
+    background = _texture(
+        rng,
+        height,
+        width,
+        look.background_colour,
+        scale * look.background_amplitude,
+        look.background_grain,
+    )
+    colours = look.object_colours
     objects = []
     for index in range(num_objects):
         radius = rng.uniform(0.12, 0.2) * min(height, width)
@@ -96,7 +143,12 @@ def make_clip(
                 "axes": (radius, radius * rng.uniform(0.6, 1.0)),
                 "box": index % 2 == 1,
                 "texture": _texture(
-                    rng, height, width, OBJECT_COLOURS[index % len(OBJECT_COLOURS)], amplitude
+                    rng,
+                    height,
+                    width,
+                    colours[index % len(colours)],
+                    scale * look.object_amplitude,
+                    look.object_grain,
                 ),
             }
         )
