@@ -25,7 +25,7 @@ class PropagationConfig:
     radius: int = 12  # square window half-size in patches; <= 0 means no window
     temperature: float = 0.1
     tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
-    max_chunk_bytes: int = 64 * 2**20  # memory budget of one batch of tiles
+    max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -118,6 +118,10 @@ class _ContextBuffer:
         self.count = 0
         self._next_recent = 1
 
+    @property
+    def classes(self) -> int:
+        return self.labels.shape[-1]
+
     def _interior(self, buffer: torch.Tensor) -> torch.Tensor:
         g = self.geometry
         return buffer[:, g.radius : g.radius + g.height, g.radius : g.radius + g.width]
@@ -189,6 +193,18 @@ class LabelPropagator:
             self._buffer.put(target, soft)
         return soft
 
+    def add_context(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Push a frame with known labels (C, h, w) into the queue of recent frames.
+
+        For example a frame annotated by hand; the oldest recent frame leaves the queue.
+        """
+        if self._buffer is None:
+            raise RuntimeError("call reset() with the first frame before add_context()")
+        if features.shape[:2] != labels.shape[1:] or labels.shape[0] != self._buffer.classes:
+            raise ValueError("features and labels do not match the first frame's grid/classes")
+        if self.config.context:
+            self._buffer.put(F.normalize(features.float(), dim=-1), labels.float())
+
     def propagate(
         self, target: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
@@ -212,6 +228,8 @@ class LabelPropagator:
         label_windows = g.windows(buffer.labels[:num_ctx])
         valid_windows = g.windows(buffer.valid) > 0  # ty, tx, 1, s, s, 1
         queries = g.target_tiles(target)
+        # zero-padded targets beyond the grid tie everywhere: keep them off the tie path
+        real_targets = g.target_tiles(target.new_ones(g.height, g.width, 1))[..., 0] > 0
         in_window = self._window_mask(g, target.device).view(1, area, 1, -1)
 
         # bytes per tile: gathered keys and labels, similarities and their mask
@@ -226,7 +244,8 @@ class LabelPropagator:
             ok = valid_windows[rows, cols].reshape(count, 1, 1, -1) & in_window
             sims = torch.bmm(q, k.transpose(1, 2)).view(count, area, num_ctx, -1)
             sims = sims.masked_fill_(~ok, float("-inf")).view(count, area, source_len)
-            out[rows, cols] = self._weighted_vote(sims, lab).view_as(out[rows, cols])
+            real = real_targets[rows, cols].reshape(count, area)
+            out[rows, cols] = self._weighted_vote(sims, lab, real).view_as(out[rows, cols])
         soft = out.view(tiles_y, tiles_x, g.tile, g.tile, num_cls).permute(4, 0, 2, 1, 3)
         soft = soft.reshape(num_cls, tiles_y * g.tile, tiles_x * g.tile)
         return soft[:, : g.height, : g.width].contiguous()
@@ -237,11 +256,14 @@ class LabelPropagator:
             self._masks[key] = geometry.window_mask(device)
         return self._masks[key]
 
-    def _weighted_vote(self, sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _weighted_vote(
+        self, sims: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Keep the top-k similarities (ties with the k-th included), softmax them, vote.
 
         sims (B, T, S) with -inf outside the window, labels (B, S, C) -> (B, T, C). Rows without
         ties beyond the k-th use only the k gathered entries; rows with ties use a dense mask.
+        ``real`` (B, T) marks the target rows whose votes are used (others skip the tie path).
         """
         k = min(self.config.topk, sims.shape[-1])
         inv_temp = 1.0 / self.config.temperature
@@ -260,6 +282,8 @@ class LabelPropagator:
         votes = (weights.unsqueeze(-1) * gathered).sum(dim=2)
         if top.values.shape[-1] > k:
             tied = (top.values[..., k] == top.values[..., k - 1]) & torch.isfinite(kth[..., 0])
+            if real is not None:
+                tied &= real
             if tied.any():
                 b_idx, r_idx = tied.nonzero(as_tuple=True)
                 row_sims = sims[b_idx, r_idx]  # (n, S)

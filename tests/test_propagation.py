@@ -63,6 +63,21 @@ def test_ties_with_the_kth_value_are_kept():
     assert (counts == 1).sum(-1).max() > 5
 
 
+def test_added_context_frames_vote_like_the_dense_reference():
+    """Frames with known labels pushed by add_context vote as context frames."""
+    target, keys, labels = _random_case(13, 18, 3, 3)
+    target, keys = F.normalize(target, dim=-1), F.normalize(keys, dim=-1)
+    engine = LabelPropagator(PropagationConfig(context=2, radius=4, tile=5))
+    engine.reset(keys[0], labels[0])
+    for frame_keys, frame_labels in zip(keys[1:], labels[1:], strict=True):
+        engine.add_context(frame_keys, frame_labels)
+    assert engine.context_size == 3
+    expected = dense_propagate(target, keys, labels, topk=5, radius=4)
+    torch.testing.assert_close(engine.step(target), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        engine.add_context(keys[0], labels[0][:2])
+
+
 @pytest.mark.parametrize(("context", "frames"), [(0, 4), (2, 7), (7, 12)])
 def test_context_queue_matches_reference_loop(context, frames):
     """First frame + the `context` most recent soft maps, as the reference queue."""
