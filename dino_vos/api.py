@@ -36,6 +36,18 @@ class PropagationSummary:
         return self.num_frames / self.seconds if self.seconds > 0 else float("inf")
 
 
+def first_frame_mask(mask: str | Path | np.ndarray, frames: FrameSource) -> np.ndarray:
+    """Read ``mask`` (a PNG path or a label array) and check it has the size of ``frames``."""
+    first_mask = read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)
+    if first_mask.shape != tuple(frames.frame_size):
+        h, w = frames.frame_size
+        raise InputError(
+            f"mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the first frame of "
+            f"{frames.path} is {w}x{h}: give the annotation of this video's first frame"
+        )
+    return first_mask
+
+
 def propagate_video(
     source: str | Path | FrameSource,
     mask: str | Path | np.ndarray,
@@ -55,13 +67,7 @@ def propagate_video(
     receives the frame count and ``on_frame`` every :class:`FrameResult` (for progress bars).
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
-    first_mask = read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)
-    if first_mask.shape != tuple(frames.frame_size):
-        h, w = frames.frame_size
-        raise InputError(
-            f"mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the first frame of "
-            f"{frames.path} is {w}x{h}: give the annotation of this video's first frame"
-        )
+    first_mask = first_frame_mask(mask, frames)
     config = config or PropagationConfig()
     propagator = VideoPropagator(features, config)
     object_ids: tuple[int, ...] = ()

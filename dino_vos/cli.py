@@ -156,22 +156,24 @@ def propagation_options(func: Callable) -> Callable:
 
 
 def with_backbone_features(func: Callable) -> Callable:
-    """Decorate a command with backbone and resize options; it receives ``features=``."""
+    """Decorate a command with backbone and resize options; it receives ``load_features=``.
+
+    The backbone loads only when the command calls ``load_features()``, after it has checked
+    its inputs, so a missing file fails at once without loading a model.
+    """
 
     @backbone_options
     @resize_options
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
         resize = ResizeSpec(kwargs.pop("short_side"), kwargs.pop("resize_rule"))
-        model = load_backbone_from_options(
-            kwargs.pop("backbone"),
-            kwargs.pop("weights"),
-            kwargs.pop("checkpoint_key"),
-            kwargs.pop("random_init"),
-            kwargs.pop("pos_embed"),
-            kwargs.pop("device"),
-        )
-        return func(features=BackboneFeatures(model, resize), **kwargs)
+        names = ("backbone", "weights", "checkpoint_key", "random_init", "pos_embed", "device")
+        backbone_args = [kwargs.pop(name) for name in names]
+
+        def load_features() -> BackboneFeatures:
+            return BackboneFeatures(load_backbone_from_options(*backbone_args), resize)
+
+        return func(load_features=load_features, **kwargs)
 
     return wrapper
 
@@ -221,20 +223,22 @@ def propagate(
     overlay: Path | None,
     save_probs: str | None,
     max_frames: int | None,
-    features: BackboneFeatures,
+    load_features: Callable[[], BackboneFeatures],
 ) -> None:
     """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
-    from dino_vos.api import propagate_video
+    from dino_vos.api import first_frame_mask, propagate_video
     from dino_vos.propagation import PropagationConfig
     from dino_vos.sources import open_source
 
     source = open_source(input_path, limit=max_frames)
+    first_mask = first_frame_mask(mask, source)
+    features = load_features()
     config = PropagationConfig(topk=topk, context=context, radius=radius, temperature=temperature)
     with progress_bar("frames") as progress:
         task = progress.add_task("Propagating", total=len(source))
         summary = propagate_video(
             source,
-            mask,
+            first_mask,
             out_dir,
             features,
             config,
@@ -304,6 +308,13 @@ def demo(
 
     if (video is None) != (mask is None):
         raise DinoVosError("give --video and --mask together (or neither for the generated clip)")
+    source, first_mask = None, None
+    if video is not None and mask is not None:  # check the user's clip before loading a model
+        from dino_vos.api import first_frame_mask
+        from dino_vos.sources import open_source
+
+        source = open_source(video)
+        first_mask = first_frame_mask(mask, source)
     shipped = (SHIPPED_WEIGHTS_DIR / f"{SHIPPED_BACKBONE}.safetensors").is_file()
     if options["backbone"] is None and options["weights"] is None and shipped:
         options["backbone"] = SHIPPED_BACKBONE
@@ -315,8 +326,8 @@ def demo(
         result = run_demo(
             out_dir,
             features,
-            video=video,
-            mask=mask,
+            video=source,
+            mask=first_mask,
             seed=seed,
             clip_style=clip_style,
             on_start=lambda total: progress.update(task, total=total),

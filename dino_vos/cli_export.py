@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -109,10 +110,11 @@ def attention_command(
     interpolation: str,
     batch_size: int,
     max_frames: int | None,
-    features: BackboneFeatures,
+    load_features: Callable[[], BackboneFeatures],
 ) -> None:
     """Last-block CLS attention maps of INPUT (an image, a folder of frames or a video)."""
     source = open_source(input_path, limit=max_frames, allow_image=True)
+    features = load_features()
     with progress_bar("frames") as progress:
         task = progress.add_task("Attention", total=len(source))
         summary = export_attention(
@@ -169,11 +171,13 @@ def features_command(
     layout: str,
     batch_size: int,
     max_frames: int | None,
-    features: BackboneFeatures,
+    load_features: Callable[[], BackboneFeatures],
 ) -> None:
     """Patch features (and CLS tokens) of INPUT (an image, a folder of frames or a video)."""
-    exporter = FeatureExporter(features, parse_layers(layers), not no_norm, dtype, l2)  # type: ignore[arg-type]
+    block_indices = parse_layers(layers)
     source = open_source(input_path, limit=max_frames, allow_image=True)
+    features = load_features()
+    exporter = FeatureExporter(features, block_indices, not no_norm, dtype, l2)  # type: ignore[arg-type]
     with progress_bar("frames") as progress:
         task = progress.add_task("Features", total=len(source))
         summary = export_features(

@@ -11,6 +11,7 @@ from dino_vos.api import PropagationSummary, propagate_video
 from dino_vos.features import FeatureExtractor
 from dino_vos.masks import read_mask
 from dino_vos.propagation import PropagationConfig
+from dino_vos.sources import FrameSource
 from dino_vos.synthetic import make_clip
 
 DEMO_FRAMES = 24
@@ -42,8 +43,8 @@ def score_against(ground_truth: np.ndarray, predicted: np.ndarray, sequence: str
 def run_demo(
     out_dir: str | Path,
     features: FeatureExtractor,
-    video: str | Path | None = None,
-    mask: str | Path | None = None,
+    video: str | Path | FrameSource | None = None,
+    mask: str | Path | np.ndarray | None = None,
     config: PropagationConfig | None = None,
     seed: int = 0,
     clip_style: str = "grass",

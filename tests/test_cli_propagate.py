@@ -118,12 +118,18 @@ def test_bad_inputs_exit_2_with_one_clear_line(clip_dir, tiny_weights, tmp_path)
     broken_video = tmp_path / "broken.mp4"
     broken_video.write_bytes(b"\x00" * 2048)
     cases.append((_propagate_args(broken_video, mask, out, tiny_weights), "cannot decode video"))
+    for args, message in cases:  # bad inputs are found before a model is loaded
+        result = run(*args)
+        _assert_clean_failure(result, out, message)
+        assert "Backbone:" not in result.output
     bad_ckpt = tmp_path / "bad.pth"
     bad_ckpt.write_bytes(b"garbage")
-    cases.append((_propagate_args(frames, mask, out, bad_ckpt), "cannot read checkpoint"))
     unknown = ["propagate", frames, "--mask", mask, "--out", out, "--backbone", "vit_nonexistent"]
-    cases.append((unknown, "unknown backbone"))
-    for args, message in cases:
+    model_cases = [
+        (_propagate_args(frames, mask, out, bad_ckpt), "cannot read checkpoint"),
+        (unknown, "unknown backbone"),
+    ]
+    for args, message in model_cases:
         _assert_clean_failure(run(*args), out, message)
 
 

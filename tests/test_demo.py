@@ -143,3 +143,13 @@ def test_run_demo_scores_the_generated_clip(tmp_path, offline):
     result = run_demo(tmp_path / "api", features)
     assert result.scores is not None and 0 <= result.scores["J&F-Mean"] <= 1
     assert set(result.per_object) == {1, 2, 3, 4}
+
+
+def test_demo_checks_the_user_clip_before_loading_a_model(tmp_path, clip_dir):
+    out = tmp_path / "out"
+    args = ["demo", "--out", str(out), "--video", str(tmp_path / "missing.mp4")]
+    result = CliRunner().invoke(main, [*args, "--mask", str(clip_dir / "masks" / "00000.png")])
+    assert result.exit_code == 2
+    assert "input not found" in result.output and "missing.mp4" in result.output
+    assert "Backbone:" not in result.output and "Traceback" not in result.output
+    assert not out.exists()
