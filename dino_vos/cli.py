@@ -168,10 +168,10 @@ def with_backbone_features(func: Callable) -> Callable:
     def wrapper(**kwargs: Any) -> Any:
         resize = ResizeSpec(kwargs.pop("short_side"), kwargs.pop("resize_rule"))
         names = ("backbone", "weights", "checkpoint_key", "random_init", "pos_embed", "device")
-        backbone_args = [kwargs.pop(name) for name in names]
+        backbone_kwargs = {name: kwargs.pop(name) for name in names}
 
         def load_features() -> BackboneFeatures:
-            return BackboneFeatures(load_backbone_from_options(*backbone_args), resize)
+            return BackboneFeatures(load_backbone_from_options(**backbone_kwargs), resize)
 
         return func(load_features=load_features, **kwargs)
 
