@@ -1,4 +1,4 @@
-"""High-level entry point: propagate a first-frame mask through a video and write the results."""
+"""The whole job in one call: propagate an annotated mask through a video into a folder of PNGs."""
 
 from __future__ import annotations
 
@@ -11,18 +11,16 @@ from typing import Any
 import numpy as np
 
 from dino_vos import __version__
-from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor
-from dino_vos.masks import atomic_write_bytes, read_mask
-from dino_vos.pipeline import FrameResult, VideoPropagator
-from dino_vos.propagation import PropagationConfig
+from dino_vos.predictor import FrameResult, VideoPropagator, read_annotation
 from dino_vos.sources import FrameSource, open_source
-from dino_vos.writers import MaskWriter, ProbsFormat, StagedRun, blend_overlay, encode_probabilities
+from dino_vos.spec import PropagationConfig
+from dino_vos.writers import OutputSink, ProbsFormat, blend_overlay, encode_probabilities
 
 
 @dataclass
 class PropagationSummary:
-    """What a finished :func:`propagate_video` run wrote."""
+    """What a finished :func:`propagate_to_folder` run wrote."""
 
     out_dir: Path
     num_frames: int
@@ -36,19 +34,7 @@ class PropagationSummary:
         return self.num_frames / self.seconds if self.seconds > 0 else float("inf")
 
 
-def first_frame_mask(mask: str | Path | np.ndarray, frames: FrameSource) -> np.ndarray:
-    """Read ``mask`` (a PNG path or a label array) and check it has the size of ``frames``."""
-    first_mask = read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)
-    if first_mask.shape != tuple(frames.frame_size):
-        h, w = frames.frame_size
-        raise InputError(
-            f"mask is {first_mask.shape[1]}x{first_mask.shape[0]} but the first frame of "
-            f"{frames.path} is {w}x{h}: give the annotation of this video's first frame"
-        )
-    return first_mask
-
-
-def propagate_video(
+def propagate_to_folder(
     source: str | Path | FrameSource,
     mask: str | Path | np.ndarray,
     out_dir: str | Path,
@@ -63,42 +49,44 @@ def propagate_video(
 ) -> PropagationSummary:
     """Segment every frame of ``source`` from the first frame's ``mask``; write PNGs to ``out_dir``.
 
-    Outputs appear only when the run completes (see :mod:`dino_vos.writers`); ``on_start``
-    receives the frame count and ``on_frame`` every :class:`FrameResult` (for progress bars).
+    The :class:`~dino_vos.predictor.VideoPropagator` writes through an
+    :class:`~dino_vos.writers.OutputSink`: outputs appear only when the run completes, with a
+    ``dino-vos.json`` manifest last. ``on_start`` receives the frame count and ``on_frame``
+    every :class:`FrameResult` (for progress bars).
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
-    first_mask = first_frame_mask(mask, frames)
-    config = config or PropagationConfig()
-    propagator = VideoPropagator(features, config)
+    first_mask = read_annotation(mask, frames)
+    predictor = VideoPropagator(features, config)
+    state = predictor.init_state(frames)
+    predictor.add_mask(state, 0, first_mask)
     object_ids: tuple[int, ...] = ()
-    with StagedRun(out_dir, overlay, frames.fps) as run:
-        writer = MaskWriter(run.output)
+    with OutputSink(out_dir, overlay, frames.fps) as sink:
         if on_start is not None:
             on_start(len(frames))
         start = time.perf_counter()
-        for result in propagator.propagate(frames, first_mask):
+        for result in predictor.propagate(state):
             object_ids = result.object_ids.ids
-            writer.write(result.name, result.labels)
+            sink.write_mask(result.name, result.labels)
             if save_probs and result.soft is not None:
-                atomic_write_bytes(
-                    run.output.path(f"probs/{result.name}.{save_probs}"),
+                sink.write_bytes(
+                    f"probs/{result.name}.{save_probs}",
                     encode_probabilities(result.soft, object_ids, save_probs),
                 )
-            if run.overlay is not None:
-                run.write_overlay(blend_overlay(result.image, result.labels))
+            if sink.overlay is not None:
+                sink.write_overlay(blend_overlay(result.image, result.labels))
             if on_frame is not None:
                 on_frame(result)
         seconds = time.perf_counter() - start
         settings = {
             "dino_vos": __version__,
             "input": str(frames.path),
-            "frames": len(writer.names),
+            "frames": len(sink.masks),
             "object_ids": list(object_ids),
-            "propagation": config.to_dict(),
+            "propagation": predictor.config.to_dict(),
             "seconds": round(seconds, 3),
             **(metadata or {}),
         }
-        run.commit(settings)
+        sink.commit(settings)
     return PropagationSummary(
-        Path(out_dir), len(writer.names), object_ids, seconds, run.overlay, settings
+        Path(out_dir), len(sink.masks), object_ids, seconds, sink.overlay, settings
     )

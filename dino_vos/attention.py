@@ -1,4 +1,6 @@
-"""Last-block CLS self-attention per head and thresholded attention masks (REFERENCE section 4).
+"""Last-block CLS self-attention per head and thresholded attention masks.
+
+The maps and thresholds follow docs/protocol.md#attention-maps.
 
 The attention row is computed explicitly from the last block's ``qkv`` projection on its ``norm1``
 input, so timm's fused ``scaled_dot_product_attention`` stays on for the rest of the network, and
@@ -24,15 +26,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from dino_vos.backbones import Backbone
+from dino_vos.defaults import ATTENTION_THRESHOLD, COLORMAPS
 from dino_vos.errors import BackboneError, InputError
 from dino_vos.export import extraction_metadata, iter_batches
 from dino_vos.features import BackboneFeatures
-from dino_vos.masks import atomic_write_bytes
 from dino_vos.sources import Frame, FrameSource
-from dino_vos.writers import StagedOutput, StagedRun
+from dino_vos.writers import OutputSink
 
-DEFAULT_THRESHOLD = 0.6
-COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo")
 Interpolation = Literal["nearest", "bilinear"]
 
 
@@ -106,7 +106,7 @@ def mean_attention(maps: torch.Tensor) -> torch.Tensor:
     return maps.mean(dim=-3)
 
 
-def threshold_attention(maps: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+def threshold_attention(maps: torch.Tensor, threshold: float = ATTENTION_THRESHOLD) -> torch.Tensor:
     """Per map, the smallest set of patches holding a fraction ``threshold`` of its mass.
 
     Each (h, w) map is normalised to sum 1, sorted in decreasing order and patches are kept
@@ -232,7 +232,7 @@ class AttentionWriter:
 
     def __init__(
         self,
-        output: StagedOutput,
+        output: OutputSink,
         threshold: float | None = None,
         save_raw: bool = False,
         save_montage: bool = False,
@@ -245,8 +245,7 @@ class AttentionWriter:
         colormap_lut(colormap)  # fail early on an unknown name
 
     def _png(self, folder: str, name: str, image: np.ndarray, colours: int | None = None) -> None:
-        data = encode_png(image, colours)
-        atomic_write_bytes(self.output.path(f"{folder}/{name}.png"), data)
+        self.output.write_bytes(f"{folder}/{name}.png", encode_png(image, colours))
 
     def write(self, frame: Frame, maps: torch.Tensor) -> np.ndarray:
         """Write everything for one frame's (heads, h, w) maps; returns the mean-map overlay."""
@@ -266,7 +265,7 @@ class AttentionWriter:
             if masks is not None:
                 raw["masks"] = masks[1:].to(torch.uint8).contiguous()
             data = save_safetensors(raw, metadata={"threshold": str(self.threshold)})
-            atomic_write_bytes(self.output.path(f"raw/{frame.name}.safetensors"), data)
+            self.output.write_bytes(f"raw/{frame.name}.safetensors", data)
         if self.save_montage:
             tiles = [("frame", frame.image), ("mean overlay", overlay), ("mean", heats[0])]
             if full_masks is not None:
@@ -302,10 +301,8 @@ def export_attention(
     backbone = features.backbone
     _last_block(backbone)
     names: list[str] = []
-    with StagedRun(out_dir, overlay, source.fps) as run:
-        writer = AttentionWriter(
-            run.output, threshold, save_raw, save_montage, colormap, interpolation
-        )
+    with OutputSink(out_dir, overlay, source.fps) as run:
+        writer = AttentionWriter(run, threshold, save_raw, save_montage, colormap, interpolation)
         start = time.perf_counter()
         for batch_frames, batch in iter_batches(source, features, batch_size):
             maps = cls_attention(backbone, batch)

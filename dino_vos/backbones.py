@@ -2,16 +2,17 @@
 
 The :class:`Backbone` wraps a timm ``VisionTransformer`` and runs its own token preparation so
 that position embeddings for arbitrary frame sizes follow the DINO reference formula by default
-(REFERENCE section 1) instead of timm's explicit-size resampling.
+(docs/protocol.md#backbones) instead of timm's explicit-size resampling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
@@ -22,28 +23,14 @@ from torch import nn
 from dino_vos.checkpoints import load_backbone_state
 from dino_vos.device import resolve_device
 from dino_vos.errors import BackboneError
+from dino_vos.registry import (
+    DEFAULT_BACKBONE,
+    SHIPPED_BACKBONE,
+    backbone_names,
+    registered_backbone,
+)
+from dino_vos.spec import POS_EMBED_MODES, PosEmbedMode
 
-PosEmbedMode = Literal["reference", "timm"]
-
-#: Short names of the official DINO ViTs and their timm names.
-DINO_MODELS: dict[str, str] = {
-    "dino_vits16": "vit_small_patch16_224.dino",
-    "dino_vits8": "vit_small_patch8_224.dino",
-    "dino_vitb16": "vit_base_patch16_224.dino",
-    "dino_vitb8": "vit_base_patch8_224.dino",
-}
-#: Official checkpoint file names (as torch.hub caches them) for each short name.
-DINO_CHECKPOINT_FILES: dict[str, str] = {
-    "dino_vits16": "dino_deitsmall16_pretrain.pth",
-    "dino_vits8": "dino_deitsmall8_pretrain.pth",
-    "dino_vitb16": "dino_vitbase16_pretrain.pth",
-    "dino_vitb8": "dino_vitbase8_pretrain.pth",
-}
-DEFAULT_BACKBONE = "dino_vits8"
-#: The model shipped with dino-vos, used when no other weights can be had (offline).
-SHIPPED_BACKBONE = "dino_vos_tiny"
-#: Models shipped inside the package (``dino_vos/weights/<name>.safetensors``).
-SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
@@ -58,7 +45,7 @@ class Backbone(nn.Module):
         arch: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if pos_embed not in ("reference", "timm"):
+        if pos_embed not in POS_EMBED_MODES:
             raise BackboneError(f"unknown position-embedding mode '{pos_embed}': reference or timm")
         self.vit = vit
         self.name = name
@@ -75,6 +62,13 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.vit.pos_embed.device if self.vit.pos_embed is not None else torch.device("cpu")
+
+    def describe(self) -> str:
+        """One line: name, patch size, width, weights and device."""
+        return (
+            f"{self.name} (patch {self.patch_size}, dim {self.embed_dim}, weights "
+            f"{self.weights_id}) on {self.device}"
+        )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch-grid shape for an input image of ``height`` x ``width`` pixels."""
@@ -162,6 +156,17 @@ class Backbone(nn.Module):
         """Patch features: last block, final LayerNorm, prefix tokens removed -> (B, h, w, D)."""
         (tokens,), grid = self.forward_tokens(images)
         return self.split_tokens(tokens, grid)[1]
+
+
+def weights_fingerprint(backbone: Backbone) -> str:
+    """A content hash (hex) of the backbone's parameters and buffers: equal weights, equal hash,
+    whatever file (or random seed) they came from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(backbone.vit.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 def _create_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
@@ -286,9 +291,10 @@ def _online(host: str = "huggingface.co") -> bool:
 
 
 def _resolve_name(name: str) -> tuple[str, str | None]:
-    """Map a user-facing name to (timm model name, official DINO short name or None)."""
-    if name in DINO_MODELS:
-        return DINO_MODELS[name], name
+    """Map a user-facing name to (timm model name, registered short name or None)."""
+    entry = registered_backbone(name)
+    if entry is not None and entry.timm_name is not None:
+        return entry.timm_name, name
     if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
         raise BackboneError(
             f"unknown backbone '{name}': use one of {', '.join(available_backbones())}, a timm ViT "
@@ -299,15 +305,22 @@ def _resolve_name(name: str) -> tuple[str, str | None]:
 
 def available_backbones() -> list[str]:
     """Short names accepted by :func:`load_backbone` besides timm names and file paths."""
-    shipped = sorted(p.stem for p in SHIPPED_WEIGHTS_DIR.glob("*.safetensors"))
-    return [*DINO_MODELS, *shipped]
+    return backbone_names()
+
+
+def _shipped_file(name: str) -> Path | None:
+    """The weights file of a model shipped in the package, when it is there."""
+    entry = registered_backbone(name)
+    path = entry.shipped_file if entry is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def default_backbone_name() -> str:
     """The backbone used when none is named: ``dino_vits8`` when its weights are cached or can
     be downloaded, else the model shipped with dino-vos (when present)."""
-    shipped = SHIPPED_WEIGHTS_DIR / f"{SHIPPED_BACKBONE}.safetensors"
-    if not shipped.is_file() or _hub_cached_file(DINO_MODELS[DEFAULT_BACKBONE]) is not None:
+    shipped = _shipped_file(SHIPPED_BACKBONE)
+    default_timm = registered_backbone(DEFAULT_BACKBONE).timm_name  # type: ignore[union-attr]
+    if shipped is None or _hub_cached_file(default_timm) is not None:
         return DEFAULT_BACKBONE
     return DEFAULT_BACKBONE if _online() else SHIPPED_BACKBONE
 
@@ -317,7 +330,8 @@ def _pretrained_vit(timm_name: str, short_name: str | None) -> tuple[VisionTrans
     if cached is not None:
         overlay = {"file": str(cached)}
         return _create_vit(timm_name, True, pretrained_cfg_overlay=overlay), str(cached)
-    official = DINO_CHECKPOINT_FILES.get(short_name or "", "the weights file")
+    entry = registered_backbone(short_name) if short_name else None
+    official = entry.checkpoint_file if entry and entry.checkpoint_file else "the weights file"
     hint = (
         f"download {official} (or the timm weights of {timm_name}) on a connected machine and "
         "pass --weights PATH"
@@ -358,7 +372,7 @@ def load_backbone(
         if weights is not None:
             raise BackboneError("give the weights file either as the backbone or as --weights")
         name, weights = None, name
-    shipped = SHIPPED_WEIGHTS_DIR / f"{name}.safetensors" if name else None
+    shipped = _shipped_file(name) if name else None
     if not pretrained and weights is not None:
         raise BackboneError("random init takes no weights file: drop --weights or --random-init")
     if weights is None and shipped is not None and shipped.is_file():

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dino_vos.api import PropagationSummary, propagate_video
+from dino_vos.api import PropagationSummary, propagate_to_folder
+from dino_vos.defaults import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE
 from dino_vos.features import FeatureExtractor
 from dino_vos.masks import read_mask
 from dino_vos.propagation import PropagationConfig
 from dino_vos.sources import FrameSource
 from dino_vos.synthetic import make_clip
-
-DEMO_FRAMES = 24
-DEMO_SIZE = (240, 352)
-DEMO_OBJECTS = 4
 
 
 @dataclass
@@ -31,7 +28,12 @@ class DemoResult:
 
 def score_against(ground_truth: np.ndarray, predicted: np.ndarray, sequence: str = "demo"):
     """DAVIS J&F of (T, H, W) predicted label images against the ground truth (frames 1..T-2)."""
-    from eval.davis_metrics import ObjectScores, global_statistics, num_objects_of, score_frames
+    from dino_vos.eval.davis_metrics import (
+        ObjectScores,
+        global_statistics,
+        num_objects_of,
+        score_frames,
+    )
 
     num_objects = num_objects_of(ground_truth[0])
     j, f = score_frames(ground_truth[1:-1], predicted[1:-1], num_objects)
@@ -65,7 +67,7 @@ def run_demo(
         clip_dir = out_dir / "clip"
         video, mask_dir = clip.write(clip_dir)
         mask = mask_dir / "00000.png"
-    summary = propagate_video(
+    summary = propagate_to_folder(
         video,
         mask,
         out_dir / "masks",

@@ -38,9 +38,8 @@ from safetensors.torch import save as save_safetensors
 from dino_vos import __version__
 from dino_vos.errors import InputError
 from dino_vos.features import BackboneFeatures
-from dino_vos.masks import atomic_write_bytes
 from dino_vos.sources import Frame, FrameSource
-from dino_vos.writers import MANIFEST_NAME, StagedOutput, read_manifest
+from dino_vos.writers import MANIFEST_NAME, OutputSink, read_manifest
 
 FeatureDtype = Literal["fp16", "fp32"]
 Layout = Literal["frames", "video"]
@@ -305,30 +304,31 @@ def export_features(
         raise InputError(f"unknown layout '{layout}': use frames or video")
     metadata = exporter.metadata(tuple(source.frame_size))
     header = {METADATA_KEY: json.dumps(metadata)}
-    output = StagedOutput(out_dir)
     stream = None
     names: list[str] = []
     start = time.perf_counter()
-    try:
+    with OutputSink(out_dir) as output:
         if layout == "video":
             specs = _video_specs(exporter, len(source), metadata["grid"])
             stream = StreamingSafetensors(output.path(VIDEO_FILE), specs, header)
-        for batch_frames, named in exporter.iter_tensors(source, batch_size):
+        try:
+            for batch_frames, named in exporter.iter_tensors(source, batch_size):
+                if stream is not None:
+                    for key, value in named.items():
+                        stream.write(key, len(names), value)
+                for offset, frame in enumerate(batch_frames):
+                    if stream is None:
+                        single = {key: value[offset].contiguous() for key, value in named.items()}
+                        data = save_safetensors(single, metadata=header)
+                        output.write_bytes(f"{frame.name}.safetensors", data)
+                    names.append(frame.name)
+                    if on_frame is not None:
+                        on_frame(frame)
+        finally:
             if stream is not None:
-                for key, value in named.items():
-                    stream.write(key, len(names), value)
-            for offset, frame in enumerate(batch_frames):
-                if stream is None:
-                    single = {key: value[offset].contiguous() for key, value in named.items()}
-                    data = save_safetensors(single, metadata=header)
-                    atomic_write_bytes(output.path(f"{frame.name}.safetensors"), data)
-                names.append(frame.name)
-                if on_frame is not None:
-                    on_frame(frame)
-        if stream is not None:
-            if len(names) != len(source):
-                raise InputError(f"{source.path} gave {len(names)} of {len(source)} frames")
-            stream.close()
+                stream.close()
+        if stream is not None and len(names) != len(source):
+            raise InputError(f"{source.path} gave {len(names)} of {len(source)} frames")
         seconds = time.perf_counter() - start
         manifest = {
             **metadata,
@@ -346,11 +346,6 @@ def export_features(
             "seconds": round(seconds, 3),
         }
         output.commit(manifest)
-    except BaseException:
-        if stream is not None:
-            stream.close()
-        output.abort()
-        raise
     return ExportSummary(Path(out_dir), len(names), seconds, manifest)
 
 

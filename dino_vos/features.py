@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -10,27 +9,8 @@ import torch
 
 from dino_vos.backbones import Backbone
 from dino_vos.sources import Frame
-from dino_vos.transforms import (
-    IMAGENET_MEAN,
-    REFERENCE_VIDEO_STD,
-    ResizeRule,
-    frame_to_tensor,
-    resized_frame_size,
-)
-
-
-@dataclass(frozen=True)
-class ResizeSpec:
-    """How frames are resized before the backbone."""
-
-    short_side: int | None = 480
-    rule: ResizeRule = "reference"
-
-    def size_for(self, height: int, width: int, patch_size: int) -> tuple[int, int]:
-        return resized_frame_size(height, width, self.short_side, self.rule, patch_size)
-
-    def key(self) -> str:
-        return f"{self.rule}-{self.short_side}"
+from dino_vos.spec import ResizeSpec
+from dino_vos.transforms import IMAGENET_MEAN, REFERENCE_VIDEO_STD, frame_to_tensor
 
 
 class FeatureExtractor(Protocol):

@@ -1,4 +1,4 @@
-"""Windowed k-NN label propagation over a temporal context (REFERENCE section 2, steps 3-6).
+"""Windowed k-NN label propagation over a temporal context (docs/protocol.md#propagation).
 
 The reference builds an N x N affinity per context frame and multiplies it by a window mask.
 Here the target grid is cut into square tiles; each tile only meets the (tile + 2 * radius)
@@ -10,35 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class PropagationConfig:
-    """Parameters of label propagation (defaults: the DINO reference protocol)."""
-
-    topk: int = 5
-    context: int = 7  # number of most recent frames besides the first one
-    radius: int = 12  # square window half-size in patches; <= 0 means no window
-    temperature: float = 0.1
-    tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
-    max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
-
-    def __post_init__(self) -> None:
-        if self.topk < 1:
-            raise ValueError("topk must be at least 1")
-        if self.context < 0:
-            raise ValueError("context must be 0 or more")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
-        if self.tile < 1:
-            raise ValueError("tile must be at least 1")
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+from dino_vos.spec import PropagationConfig
 
 
 @dataclass(frozen=True)
@@ -188,7 +165,7 @@ class LabelPropagator:
         if features.shape[:2] != (self._buffer.geometry.height, self._buffer.geometry.width):
             raise ValueError(f"feature grid {tuple(features.shape[:2])} changed within a video")
         target = F.normalize(features.float(), dim=-1)
-        soft = self._propagate(target, self._buffer)
+        soft = self._soft_labels(target, self._buffer)
         if self.config.context:
             self._buffer.put(target, soft)
         return soft
@@ -205,7 +182,7 @@ class LabelPropagator:
         if self.config.context:
             self._buffer.put(F.normalize(features.float(), dim=-1), labels.float())
 
-    def propagate(
+    def soft_labels(
         self, target: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         """One stateless step: target (h, w, D), keys (M, h, w, D), labels (M, C, h, w).
@@ -217,9 +194,9 @@ class LabelPropagator:
         buffer = _ContextBuffer(geometry, keys.shape[0], dim, labels.shape[1], target.device)
         for frame_keys, frame_labels in zip(keys, labels, strict=False):
             buffer.put(frame_keys, frame_labels)
-        return self._propagate(target, buffer)
+        return self._soft_labels(target, buffer)
 
-    def _propagate(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
+    def _soft_labels(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
         g = buffer.geometry
         dim, num_ctx, num_cls = target.shape[-1], buffer.count, buffer.labels.shape[-1]
         tiles_y, tiles_x = g.tiles

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +39,35 @@ class FrameSource(Protocol):
 
     @property
     def frame_size(self) -> tuple[int, int]: ...
+
+
+class MemorySource:
+    """Frames already in memory (RGB arrays or :class:`Frame` objects) as a frame source."""
+
+    def __init__(
+        self,
+        frames: Sequence[np.ndarray] | Sequence[Frame],
+        fps: float = DEFAULT_FOLDER_FPS,
+        name: str = "<memory>",
+    ) -> None:
+        self.frames = [
+            item if isinstance(item, Frame) else Frame(i, f"{i:05d}", np.asarray(item))
+            for i, item in enumerate(frames)
+        ]
+        if not self.frames:
+            raise InputError("no frames given")
+        self.path = Path(name)
+        self.fps = fps
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __iter__(self) -> Iterator[Frame]:
+        return iter(self.frames)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return tuple(self.frames[0].image.shape[:2])  # type: ignore[return-value]
 
 
 def natural_key(text: str) -> list[object]:

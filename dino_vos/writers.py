@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
+from dino_vos.atomic import atomic_write_json
 from dino_vos.errors import InputError
 from dino_vos.masks import atomic_write_bytes, davis_palette, encode_indexed_png
 
@@ -37,100 +38,86 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(out_dir) / MANIFEST_NAME).read_text())
 
 
-class StagedOutput:
-    """A staging folder whose files are moved into ``out_dir`` by :meth:`commit`."""
+OVERLAY_SUFFIXES = (".mp4", ".avi", ".mov")
 
-    def __init__(self, out_dir: str | Path) -> None:
+
+class OutputSink:
+    """Where every command's results go: a staged output folder plus an optional overlay video.
+
+    Files are written into a hidden staging folder inside ``out_dir`` and moved into place by
+    :meth:`commit`, which writes the manifest last; used as a context manager, an exception (or
+    Ctrl-C) inside the block discards everything, overlay included. Propagation, attention and
+    feature export all write through it.
+    """
+
+    def __init__(
+        self, out_dir: str | Path, overlay: str | Path | None = None, fps: float = 25.0
+    ) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise InputError(f"output path {self.out_dir} is a file: give a folder for --out")
+        self.overlay = Path(overlay) if overlay is not None else None
+        if self.overlay is not None and self.overlay.suffix.lower() not in OVERLAY_SUFFIXES:
+            raise InputError(f"overlay {self.overlay} must end in {', '.join(OVERLAY_SUFFIXES)}")
         self.staging = self.out_dir / STAGING_NAME
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
+        self.masks: list[str] = []
+        self._staged_video = self.path(f"overlay{self.overlay.suffix}") if self.overlay else None
+        self._video = VideoWriter(self._staged_video, fps) if self._staged_video else None
+
+    def __enter__(self) -> OutputSink:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._close_video()
+        if exc_type is not None:
+            self.abort()
 
     def path(self, relative: str | Path) -> Path:
+        """The staged location of ``relative`` (its folder is created)."""
         target = self.staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
-    def commit(self, manifest: dict[str, Any], external: dict[Path, Path] | None = None) -> None:
-        """Move staged files into place, then write the manifest (last).
+    def write_bytes(self, relative: str | Path, data: bytes) -> None:
+        atomic_write_bytes(self.path(relative), data)
 
-        ``external`` maps staged files to destinations outside ``out_dir`` (moved first).
-        """
-        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        for source, target in (external or {}).items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(source), str(target))
-        for source in sorted(self.staging.rglob("*")):
-            if source.is_file():
-                target = self.out_dir / source.relative_to(self.staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        atomic_write_bytes(
-            self.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n"
-        )
-
-    def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.out_dir.rmdir()  # only if it stayed empty
-
-
-OVERLAY_SUFFIXES = (".mp4", ".avi", ".mov")
-
-
-class StagedRun:
-    """A staged output folder plus an optional overlay video, committed or discarded together.
-
-    Use as a context manager: an exception (or Ctrl-C) inside the block discards everything;
-    :meth:`commit` moves the outputs and the overlay into place and writes the manifest last.
-    """
-
-    def __init__(self, out_dir: str | Path, overlay: str | Path | None, fps: float) -> None:
-        self.overlay = Path(overlay) if overlay is not None else None
-        if self.overlay is not None and self.overlay.suffix.lower() not in OVERLAY_SUFFIXES:
-            raise InputError(f"overlay {self.overlay} must end in {', '.join(OVERLAY_SUFFIXES)}")
-        self.output = StagedOutput(out_dir)
-        self._staged_video = (
-            self.output.path(f"overlay{self.overlay.suffix}") if self.overlay else None
-        )
-        self._video = VideoWriter(self._staged_video, fps) if self._staged_video else None
-
-    def __enter__(self) -> StagedRun:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if self._video is not None:
-            self._video.close()
-        if exc_type is not None:
-            self.output.abort()
+    def write_mask(self, name: str, labels: np.ndarray) -> None:
+        """``<name>.png``: an indexed mask with the DAVIS palette."""
+        self.write_bytes(f"{name}.png", encode_indexed_png(labels))
+        self.masks.append(name)
 
     def write_overlay(self, rgb: np.ndarray) -> None:
         """Append one RGB frame to the overlay video (if one was asked for)."""
         if self._video is not None:
             self._video.write(rgb)
 
-    def commit(self, manifest: dict[str, Any]) -> None:
+    def _close_video(self) -> None:
         if self._video is not None:
             self._video.close()
-        external = {}
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        """Move the overlay and the staged files into place, then write the manifest (last)."""
+        self._close_video()
+        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
         if self._staged_video is not None and self.overlay is not None:
-            external = {self._staged_video: self.overlay}
-        self.output.commit(manifest, external=external)
+            self.overlay.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self._staged_video), str(self.overlay))
+        for source in sorted(self.staging.rglob("*")):
+            if source.is_file():
+                target = self.out_dir / source.relative_to(self.staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        atomic_write_json(self.out_dir / MANIFEST_NAME, manifest)
 
-
-class MaskWriter:
-    """Writes ``<stem>.png`` indexed masks (DAVIS palette) into a staged output."""
-
-    def __init__(self, output: StagedOutput) -> None:
-        self.output = output
-        self.names: list[str] = []
-
-    def write(self, name: str, labels: np.ndarray) -> None:
-        atomic_write_bytes(self.output.path(f"{name}.png"), encode_indexed_png(labels))
-        self.names.append(name)
+    def abort(self) -> None:
+        """Discard everything staged; remove ``out_dir`` too if this left it empty."""
+        self._close_video()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.out_dir.rmdir()  # only if it stayed empty
 
 
 def blend_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -24,23 +24,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from dino_vos.backbones import Backbone
+from dino_vos.atomic import atomic_write_json
+from dino_vos.backbones import weights_fingerprint
 from dino_vos.features import BackboneFeatures
 from dino_vos.masks import atomic_write_bytes
 from dino_vos.sources import Frame
 
 TENSOR_NAME = "features"
 KEY_FILE = "cache-key.json"
-
-
-def weights_fingerprint(backbone: Backbone) -> str:
-    """A content hash (hex) of the backbone's parameters and buffers."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(backbone.vit.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
 
 
 def image_digest(image: np.ndarray) -> str:
@@ -143,7 +134,7 @@ class FeatureCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         key_file = self.folder / KEY_FILE
         if not key_file.is_file():
-            atomic_write_bytes(key_file, json.dumps(self.key, indent=2).encode() + b"\n")
+            atomic_write_json(key_file, self.key)
         data = save_safetensors({TENSOR_NAME: features.cpu().contiguous()}, {"image": digest})
         atomic_write_bytes(path, data)
 

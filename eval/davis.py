@@ -1,6 +1,6 @@
 """DAVIS benchmark runner: propagate every sequence with the engine, score it, merge the scores.
 
-- One sequence = :func:`dino_vos.api.propagate_video` into ``OUT/<seq>/`` (staged outputs, a
+- One sequence = :func:`dino_vos.api.propagate_to_folder` into ``OUT/<seq>/`` (staged outputs, a
   ``dino-vos.json`` manifest written last), then J&F of its PNGs against the annotations. A
   sequence whose manifest exists and records the same backbone weights, resize rule, propagation
   parameters and frame count is not propagated again; anything else is redone.
@@ -14,76 +14,27 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dino_vos.backbones import default_backbone_name, load_backbone
+from dino_vos.api import propagate_to_folder
+from dino_vos.backbones import weights_fingerprint
+from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
 from dino_vos.errors import DinoVosError, InputError
-from dino_vos.features import BackboneFeatures, ResizeSpec
+from dino_vos.eval.cache import CacheStats, FeatureCache
+from dino_vos.eval.davis_data import DavisSequence, read_results
+from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
+from dino_vos.features import BackboneFeatures
 from dino_vos.propagation import PropagationConfig
 from dino_vos.sources import FolderSource
+from dino_vos.spec import BackboneSpec
 from dino_vos.writers import is_complete, read_manifest
-from eval.cache import CacheStats, FeatureCache, weights_fingerprint
-from eval.davis_data import DavisSequence, read_results
-from eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
-
-DISTRIBUTED_TIMEOUT = timedelta(days=3)  # ranks wait for the slowest shard before merging
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """The backbone options, so that worker processes and ranks build the same model."""
-
-    backbone: str | None = None
-    weights: str | None = None
-    checkpoint_key: str = "teacher"
-    random_init: bool = False
-    pos_embed: str = "reference"
-    device: str = "auto"
-    seed: int = 0
-    short_side: int | None = 480
-    resize_rule: str = "reference"
-
-    @property
-    def name(self) -> str | None:
-        return self.backbone if (self.backbone or self.weights) else default_backbone_name()
-
-    def resize(self) -> ResizeSpec:
-        return ResizeSpec(self.short_side, self.resize_rule)  # type: ignore[arg-type]
-
-    def load(self) -> BackboneFeatures:
-        """Build the backbone (random init seeded with ``seed``) on this rank's device."""
-        torch.manual_seed(self.seed)
-        model = load_backbone(
-            self.name,
-            weights=self.weights,
-            checkpoint_key=self.checkpoint_key,
-            device=rank_device(self.device),
-            pos_embed=self.pos_embed,  # type: ignore[arg-type]
-            pretrained=not self.random_init,
-        )
-        return BackboneFeatures(model, self.resize())
-
-
-def distributed_env() -> tuple[int, int]:
-    """(rank, world size) from the torchrun environment; (0, 1) outside it."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank_device(device: str) -> str:
-    """Under torchrun with several ranks, ``auto``/``cuda`` become ``cuda:<LOCAL_RANK>``."""
-    _, world = distributed_env()
-    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return device
 
 
 @dataclass
@@ -180,17 +131,16 @@ class SequenceEvaluator:
             return False
         return all((out / f"{stem}.png").is_file() for stem in sequence.stems)
 
-    def propagate(
+    def write_masks(
         self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None
     ) -> tuple[float, CacheStats]:
-        """Propagate the first annotation through the frames; returns (seconds, cache stats)."""
-        from dino_vos.api import propagate_video
+        """Propagate the first annotation into ``RESULTS/<seq>/``; returns (seconds, cache hits)."""
 
         assert self.features is not None
         extractor = self.cache.for_sequence(sequence.name) if self.cache else self.features
         before = CacheStats(**asdict(self.cache.stats)) if self.cache else CacheStats()
         source = FolderSource(sequence.frames_dir, limit=len(sequence.frames))
-        summary = propagate_video(
+        summary = propagate_to_folder(
             source,
             sequence.first_mask(),
             self.settings.results_dir / sequence.name,
@@ -219,7 +169,7 @@ class SequenceEvaluator:
             if self.is_up_to_date(sequence):
                 status = "skipped"
             else:
-                seconds, cache = self.propagate(sequence, on_frame)
+                seconds, cache = self.write_masks(sequence, on_frame)
                 frames, status = len(sequence.frames), "propagated"
         objects = score_sequence(
             sequence, self.settings.results_dir, self.settings.ignore_void, self.settings.bound_th
@@ -242,7 +192,7 @@ def _init_worker(
 ) -> None:
     global _worker, _progress_queue
     torch.set_num_threads(threads)
-    features = spec.load() if (spec is not None and settings.propagate) else None
+    features = spec.build() if (spec is not None and settings.propagate) else None
     if features is not None and fingerprint is not None:
         built = weights_fingerprint(features.backbone)
         if built != fingerprint:
@@ -328,16 +278,9 @@ def run_sequences(
 def shard_sequences(
     sequences: Sequence[DavisSequence], rank: int, world: int
 ) -> list[DavisSequence]:
-    """This rank's sequences: longest first to the least-loaded rank, kept in dataset order."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} outside world size {world}")
-    loads = [0] * world
-    owner: dict[int, int] = {}
-    for index in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].annotations), i)):
-        target = min(range(world), key=lambda r: (loads[r], r))
-        owner[index] = target
-        loads[target] += len(sequences[index].annotations)
-    return [s for i, s in enumerate(sequences) if owner[i] == rank]
+    """This rank's sequences, balanced by frame count, kept in dataset order."""
+    costs = [len(sequence.annotations) for sequence in sequences]
+    return [sequences[i] for i in shard_balanced(costs, rank, world)]
 
 
 def merge_results(
@@ -354,29 +297,6 @@ def merge_results(
     if missing:
         raise RuntimeError(f"no scores for {len(missing)} sequence(s): {', '.join(missing[:5])}")
     return [by_name[n] for n in names]
-
-
-def gather_results(
-    local: list[SequenceResult], names: Sequence[str], rank: int, world: int
-) -> list[SequenceResult] | None:
-    """Merged results on rank 0 (None on the other ranks); a gloo group carries the scores."""
-    if world <= 1:
-        return merge_results([local], names)
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", timeout=DISTRIBUTED_TIMEOUT)
-        group = None
-    else:
-        group = dist.new_group(backend="gloo", timeout=DISTRIBUTED_TIMEOUT)
-    try:
-        gathered: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(local, gathered, dst=0, group=group)
-    finally:
-        if created:
-            dist.destroy_process_group()
-    return merge_results(gathered, names) if gathered is not None else None
 
 
 @dataclass
@@ -415,13 +335,14 @@ def evaluate_davis(
     if settings.propagate and features is None:
         raise InputError("propagation needs a backbone: pass --backbone/--weights or --results")
     start = time.perf_counter()
-    rank, world = distributed_env()
+    rank, world = launch_env()
     fingerprint = weights_fingerprint(features.backbone) if features is not None else None
     shard = shard_sequences(sequences, rank, world)
     local = run_sequences(shard, settings, features, spec, fingerprint, workers, advance)
     for result in local:
         result.rank = rank
-    merged = gather_results(local, [s.name for s in sequences], rank, world)
-    if merged is None:
+    shards = gather_to_main(local)
+    if shards is None:
         return None
+    merged = merge_results(shards, [s.name for s in sequences])
     return DavisRun(merged, time.perf_counter() - start, fingerprint)

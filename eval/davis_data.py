@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from dino_vos.errors import InputError
+from dino_vos.eval.davis_metrics import num_objects_of
 from dino_vos.masks import read_mask
 from dino_vos.sources import IMAGE_SUFFIXES, natural_key
-from eval.davis_metrics import num_objects_of
 
 MIN_FRAMES = 3  # the first and the last frame are not scored
 

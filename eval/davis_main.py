@@ -1,31 +1,20 @@
-"""The work behind ``dino-vos eval davis`` (kept out of the click module so ``--help`` is fast)."""
+"""``eval davis`` as a library call: :class:`DavisJob` in, reports on disk (rank 0)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dino_vos import __version__
-from dino_vos.cli import load_backbone_from_options
 from dino_vos.console import console, progress_bar
+from dino_vos.distributed import launch_env
 from dino_vos.errors import InputError
-from dino_vos.features import BackboneFeatures
-from dino_vos.masks import atomic_write_bytes
-from dino_vos.propagation import PropagationConfig
-from eval.davis import (
-    BackboneSpec,
-    DavisRun,
-    RunSettings,
-    distributed_env,
-    evaluate_davis,
-    rank_device,
-    shard_sequences,
-)
-from eval.davis_data import DavisDataset
-from eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
-from eval.davis_report import (
+from dino_vos.eval.davis import DavisRun, RunSettings, evaluate_davis, shard_sequences
+from dino_vos.eval.davis_data import DavisDataset
+from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
+from dino_vos.eval.davis_report import (
     global_csv,
     output_paths,
     per_sequence_csv,
@@ -33,125 +22,118 @@ from eval.davis_report import (
     print_tables,
     write_json,
 )
+from dino_vos.features import BackboneFeatures
+from dino_vos.masks import atomic_write_bytes
+from dino_vos.spec import BackboneSpec, PropagationConfig
 
 
-def _check_mode(options: dict[str, Any]) -> None:
-    if options["results_dir"] is not None:
-        given = [
-            flag
-            for flag, key in (
-                ("--backbone", "backbone"),
-                ("--weights", "weights"),
-                ("--random-init", "random_init"),
-                ("--cache", "cache_dir"),
-            )
-            if options[key]
-        ]
+@dataclass(frozen=True)
+class DavisJob:
+    """One ``eval davis`` run: which split, which model (``spec``; None to only score existing
+    masks in ``results_dir``), the propagation settings and where to write."""
+
+    davis_root: Path
+    split: str = "val"
+    year: str | None = None
+    resolution: str = "480p"
+    sequences: tuple[str, ...] | None = None
+    results_dir: Path | None = None
+    out_dir: Path | None = None
+    spec: BackboneSpec | None = None
+    config: PropagationConfig = field(default_factory=PropagationConfig)
+    cache_dir: Path | None = None
+    workers: int = 1
+    max_frames: int | None = None
+    ignore_void: bool = False
+
+    @property
+    def scoring_only(self) -> bool:
+        return self.results_dir is not None
+
+
+def check_job(job: DavisJob, given: Sequence[str] = ()) -> None:
+    """Refuse contradictory modes; ``given`` names model options the user passed explicitly."""
+    if job.scoring_only:
         if given:
             raise InputError(
                 f"--results only scores existing masks: drop {', '.join(given)} (or drop "
                 "--results to propagate)"
             )
-        if not options["results_dir"].is_dir():
-            raise InputError(f"results folder not found: {options['results_dir']}")
-    elif options["out_dir"] is None:
+        if not job.results_dir.is_dir():  # type: ignore[union-attr]
+            raise InputError(f"results folder not found: {job.results_dir}")
+    elif job.out_dir is None:
         raise InputError("give --out DIR to propagate and score, or --results DIR to only score")
+    elif job.spec is None:
+        raise InputError("propagation needs a backbone spec")
 
 
-def _load_features(options: dict[str, Any]) -> tuple[BackboneFeatures, BackboneSpec]:
-    spec = BackboneSpec(
-        backbone=options["backbone"],
-        weights=str(options["weights"]) if options["weights"] else None,
-        checkpoint_key=options["checkpoint_key"],
-        random_init=options["random_init"],
-        pos_embed=options["pos_embed"],
-        device=options["device"],
-        seed=options["seed"],
-        short_side=options["short_side"],
-        resize_rule=options["resize_rule"],
-    )
-    torch.manual_seed(spec.seed)  # random-init weights: the same in every process
-    model = load_backbone_from_options(
-        options["backbone"],
-        options["weights"],
-        options["checkpoint_key"],
-        options["random_init"],
-        options["pos_embed"],
-        rank_device(options["device"]),
-    )
-    return BackboneFeatures(model, spec.resize()), spec
+def _load_features(spec: BackboneSpec) -> BackboneFeatures:
+    with console.status(f"Loading backbone {spec.label()} ..."):
+        features = spec.build()
+    console.print(f"Backbone: {features.backbone.describe()}")
+    return features
 
 
-def run_davis_command(**options: Any) -> None:
-    """Evaluate (or only score) a DAVIS split and write the reports (rank 0)."""
-    _check_mode(options)
-    rank, world = distributed_env()
+def run_davis(job: DavisJob) -> DavisRun | None:
+    """Evaluate (or only score) a DAVIS split and write the reports (rank 0; None elsewhere)."""
+    check_job(job)
+    rank, world = launch_env()
     if rank > 0:
         console.quiet = True
-    scoring_only = options["results_dir"] is not None
-    names = (
-        [n.strip() for n in options["sequences"].split(",") if n.strip()]
-        if options["sequences"]
-        else None
-    )
     dataset = DavisDataset(
-        options["davis_root"],
-        options["split"],
-        options["resolution"],
-        options["year"],
-        names,
-        require_frames=not scoring_only,
-        max_frames=options["max_frames"],
+        job.davis_root,
+        job.split,
+        job.resolution,
+        job.year,
+        list(job.sequences) if job.sequences else None,
+        require_frames=not job.scoring_only,
+        max_frames=job.max_frames,
     )
-    features, spec = (None, None) if scoring_only else _load_features(options)
-    config = PropagationConfig(
-        topk=options["topk"],
-        context=options["context"],
-        radius=options["radius"],
-        temperature=options["temperature"],
-    )
-    out_dir: Path = options["out_dir"] or options["results_dir"]
+    features = None if job.scoring_only else _load_features(job.spec)  # type: ignore[arg-type]
+    out_dir: Path = job.out_dir or job.results_dir  # type: ignore[assignment]
     settings = RunSettings(
-        results_dir=options["results_dir"] or options["out_dir"],
-        propagate=not scoring_only,
-        config=config,
-        cache_dir=options["cache_dir"],
-        ignore_void=options["ignore_void"],
+        results_dir=job.results_dir or job.out_dir,  # type: ignore[arg-type]
+        propagate=not job.scoring_only,
+        config=job.config,
+        cache_dir=job.cache_dir,
+        ignore_void=job.ignore_void,
     )
     frames = sum(len(s.annotations) for s in dataset)
-    if names:
+    if job.sequences:
         source = "--sequences"
     elif dataset.split_file is not None:
         source = str(dataset.split_file)
     else:
         source = f"no split file: all folders of {dataset.annotations_root}"
     console.print(
-        f"DAVIS {options['split']}: {len(dataset)} sequences, {frames} frames ({source})"
+        f"DAVIS {job.split}: {len(dataset)} sequences, {frames} frames ({source})"
         + (f", rank {rank} of {world}" if world > 1 else "")
     )
     shard_frames = sum(len(s.annotations) for s in shard_sequences(dataset.sequences, rank, world))
     with progress_bar("frames") as progress:
-        task = progress.add_task("Scoring" if scoring_only else "Propagating", total=shard_frames)
+        task = progress.add_task(
+            "Scoring" if job.scoring_only else "Propagating", total=shard_frames
+        )
         run = evaluate_davis(
             dataset.sequences,
             settings,
             features,
-            spec,
-            options["workers"],
+            job.spec,
+            job.workers,
             advance=lambda n: progress.advance(task, n),
         )
     if run is None:
-        return
-    payload = _payload(run, dataset, options, features, config, world)
+        return None
+    payload = _payload(run, dataset, job, features, world)
     _write_outputs(out_dir, dataset.split, run, payload)
+    return run
 
 
 def _payload(
     run: DavisRun,
     dataset: DavisDataset,
-    options: dict[str, Any],
+    job: DavisJob,
     features: BackboneFeatures | None,
-    config: PropagationConfig,
     world: int,
 ) -> dict[str, Any]:
     settings: dict[str, Any] = {
@@ -162,13 +144,13 @@ def _payload(
         "resolution": dataset.resolution,
         "sequences": dataset.names,
         "max_frames": dataset.max_frames,
-        "ignore_void": options["ignore_void"],
+        "ignore_void": job.ignore_void,
         "boundary_threshold": BOUNDARY_THRESHOLD,
-        "workers": options["workers"],
+        "workers": job.workers,
         "world_size": world,
     }
     if features is None:
-        settings["results_dir"] = str(options["results_dir"])
+        settings["results_dir"] = str(job.results_dir)
     else:
         backbone = features.backbone
         settings.update(
@@ -176,12 +158,12 @@ def _payload(
                 "backbone": backbone.name,
                 "weights": backbone.weights_id,
                 "weights_fingerprint": run.fingerprint,
-                "random_init_seed": options["seed"] if options["random_init"] else None,
+                "random_init_seed": job.spec.seed if job.spec and job.spec.random_init else None,
                 "pos_embed": backbone.pos_embed_mode,
                 "resize": features.resize.key(),
                 "device": str(backbone.device),
-                "propagation": config.to_dict(),
-                "cache": str(options["cache_dir"]) if options["cache_dir"] else None,
+                "propagation": job.config.to_dict(),
+                "cache": str(job.cache_dir) if job.cache_dir else None,
             }
         )
     objects = run.objects
@@ -200,7 +182,7 @@ def _payload(
         },
         "cache": (
             {"hits": cache.hits, "misses": cache.misses, "hit_rate": cache.hit_rate}
-            if options["cache_dir"]
+            if job.cache_dir
             else None
         ),
         "settings": settings,

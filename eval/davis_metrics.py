@@ -1,4 +1,4 @@
-"""DAVIS J&F for semi-supervised video object segmentation (REFERENCE section 3).
+"""DAVIS J&F for semi-supervised video object segmentation (docs/protocol.md#davis-jf).
 
 Numbers follow the official ``davis2017-evaluation`` tool:
 

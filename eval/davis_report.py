@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,9 +12,10 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from dino_vos.atomic import atomic_write_json
 from dino_vos.console import console
+from dino_vos.eval.davis_metrics import GLOBAL_COLUMNS, ObjectScores
 from dino_vos.masks import atomic_write_bytes
-from eval.davis_metrics import GLOBAL_COLUMNS, ObjectScores
 
 PER_SEQUENCE_COLUMNS = ("Sequence", "J-Mean", "F-Mean")
 
@@ -55,19 +55,8 @@ def per_sequence_csv(objects: Sequence[ObjectScores]) -> bytes:
     return _csv_bytes(PER_SEQUENCE_COLUMNS, rows)
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None, recursively (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(_finite(payload), indent=2).encode() + b"\n")
+    atomic_write_json(path, payload)
 
 
 def plot_per_object(

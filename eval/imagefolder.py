@@ -4,7 +4,7 @@ Images are decoded with :func:`dino_vos.sources.read_image` (RGB uint8, a clear 
 file when it cannot be read) and transformed with ``torchvision.transforms.v2``:
 
 - evaluation: resize the short side to ``resize_size`` (bicubic), center crop ``image_size``,
-  normalise with the ImageNet mean/std (REFERENCE section 6: 256 -> 224);
+  normalise with the ImageNet mean/std (docs/protocol.md#image-baselines: 256 -> 224);
 - training: ``RandomResizedCrop(image_size)`` + horizontal flip, same normalisation.
 """
 
@@ -19,12 +19,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
+from dino_vos.defaults import IMAGE_SIZE, RESIZE_SIZE
 from dino_vos.errors import InputError
 from dino_vos.sources import IMAGE_SUFFIXES, natural_key, read_image
 from dino_vos.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-DEFAULT_IMAGE_SIZE = 224
-DEFAULT_RESIZE_SIZE = 256
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -119,7 +117,7 @@ def check_sizes(image_size: int, resize_size: int | None) -> int:
     if image_size < 8:
         raise InputError(f"--image-size {image_size} is too small: use at least 8 pixels")
     if resize_size is None:
-        return round(image_size * DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE)
+        return round(image_size * RESIZE_SIZE / IMAGE_SIZE)
     if resize_size < image_size:
         raise InputError(
             f"--resize-size {resize_size} is smaller than --image-size {image_size}: the center "
@@ -132,9 +130,7 @@ def _normalise() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def eval_transform(
-    image_size: int = DEFAULT_IMAGE_SIZE, resize_size: int | None = None
-) -> v2.Compose:
+def eval_transform(image_size: int = IMAGE_SIZE, resize_size: int | None = None) -> v2.Compose:
     """Resize short side (bicubic) + center crop + ImageNet normalisation, on uint8 (3,H,W)."""
     resize_size = check_sizes(image_size, resize_size)
     return v2.Compose(
@@ -146,7 +142,7 @@ def eval_transform(
     )
 
 
-def train_transform(image_size: int = DEFAULT_IMAGE_SIZE) -> v2.Compose:
+def train_transform(image_size: int = IMAGE_SIZE) -> v2.Compose:
     """RandomResizedCrop + horizontal flip + ImageNet normalisation (linear probe, transfer)."""
     check_sizes(image_size, None)
     return v2.Compose(

@@ -1,4 +1,4 @@
-"""Linear probe of a frozen backbone (REFERENCE section 6, DINO ``eval_linear``).
+"""Linear probe of a frozen backbone (docs/protocol.md#image-baselines, DINO ``eval_linear``).
 
 - Features: CLS tokens of the last 4 blocks concatenated for ViT-S-sized models, the last CLS
   token with the mean patch token for ViT-B-sized ones (``default_spec``; both after the final
@@ -31,17 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from dino_vos.backbones import Backbone
-from eval.imagefolder import ImageFolderDataset, ImageFolderSplit, train_transform
-from eval.knn import (
+from dino_vos.distributed import world_info
+from dino_vos.eval.features import (
     FeatureSpec,
-    accuracy,
     image_features,
     iterate_loader,
     make_loader,
-    rank_classes,
-    world_info,
     write_safetensors,
 )
+from dino_vos.eval.imagefolder import ImageFolderDataset, ImageFolderSplit, train_transform
+from dino_vos.eval.knn import accuracy, rank_classes
 
 #: Embedding width from which the ViT-B protocol (last CLS + mean patch token) is the default.
 VIT_B_DIM = 768

@@ -1,4 +1,4 @@
-"""DINO multi-crop augmentation on torchvision transforms v2 (REFERENCE section 5).
+"""DINO multi-crop augmentation on torchvision transforms v2 (docs/protocol.md#pretraining).
 
 Global crop 1: blur p=1.0. Global crop 2: blur p=0.1 and solarisation p=0.2. Local crops: blur
 p=0.5. Every crop: horizontal flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from pretrain.config import CropsConfig
+from dino_vos.pretrain.config import CropsConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,7 +1,8 @@
 """Pretraining configuration: nested dataclasses, presets, YAML/JSON files, ``key=value`` overrides.
 
-Resolution order: defaults (``main_dino`` defaults, REFERENCE section 5) -> preset -> config file
--> explicit CLI flags -> ``--set section.key=value``. The resolved config is saved with the run.
+Resolution order: defaults (``main_dino`` defaults, docs/protocol.md#pretraining) -> preset ->
+config file -> explicit CLI flags -> ``--set section.key=value``. The resolved config is saved
+with the run.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def _vit_kwargs(patch: int, img_size: int, **extra: Any) -> dict[str, Any]:
 
 #: Presets as overrides of the defaults. ``vit_*_p8`` follow the paper's longer recipe (300
 #: epochs, teacher temperature 0.04 -> 0.07 over 30 epochs, 10 local crops); the learning rate
-#: scales with the global batch. ``cpu_tiny`` follows REFERENCE section 7 (learns on 2 cores).
+#: scales with the global batch. ``cpu_tiny`` follows docs/protocol.md#cpu-preset (learns on 2
+#: cores).
 PRESETS: dict[str, dict[str, Any]] = {
     "vit_small_p8": {
         "student": {"arch": "vit_small_patch8_224", "kwargs": {}, "drop_path_rate": 0.1},
@@ -209,8 +211,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_temp_epochs": 0,
         },
         "crops": {"global_size": 96, "local_size": 48, "local_number": 4},
-        # Peak lr 2e-4 at batch 32 (REFERENCE 7): base_lr is per 256 images. 12 epochs of
-        # DAVIS-2016 train (2,079 frames) = 768 steps, about an hour at ~7 images/s.
+        # Peak lr 2e-4 at batch 32 (docs/protocol.md#cpu-preset): base_lr is per 256 images.
+        # 12 epochs of DAVIS-2016 train (2,079 frames) = 768 steps, about an hour at ~7 images/s.
         "optim": {
             "epochs": 12,
             "batch_size_per_gpu": 32,

@@ -1,4 +1,4 @@
-"""The DINO self-distillation loss with output centering (REFERENCE section 5)."""
+"""The DINO self-distillation loss with output centering (docs/protocol.md#pretraining)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.distributed import all_reduce_sum, world_size
+from dino_vos.distributed import all_reduce_sum, world_size
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from dino_vos.backbones import build_vit
-from pretrain.config import PretrainConfig
+from dino_vos.pretrain.config import PretrainConfig
 
 
 class DINOHead(nn.Module):

@@ -1,4 +1,4 @@
-"""The DINO training loop (REFERENCE section 5), single process or DDP.
+"""The DINO training loop (docs/protocol.md#pretraining), single process or DDP.
 
 Per step: set lr / weight decay from their cosine schedules, teacher forward on the 2 global
 crops (no gradients), student forward on all crops, DINO loss (stop on a non-finite value),
@@ -26,13 +26,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from dino_vos import distributed
 from dino_vos.atomic import atomic_write_text
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.console import console, progress_bar
+from dino_vos.distributed import DistInfo
 from dino_vos.errors import DinoVosError, InputError
-from pretrain import distributed
-from pretrain.augment import MultiCropAugmentation
-from pretrain.checkpoint import (
+from dino_vos.pretrain.augment import MultiCropAugmentation
+from dino_vos.pretrain.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     remove_stale_temp_files,
@@ -40,12 +41,11 @@ from pretrain.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pretrain.config import PretrainConfig, save_config
-from pretrain.data import EpochSampler, MultiCropDataset, collate_crops, scan_paths
-from pretrain.distributed import DistInfo
-from pretrain.loss import DINOLoss
-from pretrain.model import MultiCropWrapper, build_student_teacher, update_teacher
-from pretrain.schedules import cosine_schedule, teacher_temp_schedule
+from dino_vos.pretrain.config import PretrainConfig, load_config_file, save_config
+from dino_vos.pretrain.data import EpochSampler, MultiCropDataset, collate_crops, scan_paths
+from dino_vos.pretrain.loss import DINOLoss
+from dino_vos.pretrain.model import MultiCropWrapper, build_student_teacher, update_teacher
+from dino_vos.pretrain.schedules import cosine_schedule, teacher_temp_schedule
 
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
@@ -239,6 +239,16 @@ class _Interval:
         loss, entropy, kl = (self.sums / max(self.steps, 1)).tolist()
         rate = self.images / max(now - self.start, 1e-9)
         return {"loss": loss, "entropy": entropy, "kl": kl, "images_per_s": rate}
+
+
+def saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config a run was started with (config.yaml, else the checkpoint's copy); None
+    when ``run_dir`` holds no checkpoint."""
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        return None
+    if (run_dir / CONFIG_NAME).is_file():
+        return load_config_file(run_dir / CONFIG_NAME)
+    return load_checkpoint(run_dir / CHECKPOINT_NAME)["config"]
 
 
 def train(

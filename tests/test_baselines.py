@@ -15,21 +15,27 @@ from click.testing import CliRunner
 from conftest import requires_shared_data
 from safetensors import safe_open
 
-import eval.knn as knn_module
-from dino_vos.backbones import Backbone, load_backbone
+import dino_vos.eval.features as features_module
+from dino_vos.backbones import Backbone, load_backbone, weights_fingerprint
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.cli import main
 from dino_vos.errors import InputError
-from eval.imagefolder import eval_transform, load_imagefolder, train_transform
-from eval.knn import FeatureSpec, cached_features, image_features
-from eval.linear import (
+from dino_vos.eval.features import FeatureSpec, cached_image_features, image_features
+from dino_vos.eval.imagefolder import eval_transform, load_imagefolder, train_transform
+from dino_vos.eval.linear import (
     LinearClassifier,
     LinearConfig,
     default_spec,
     evaluate_classifier,
     train_linear_probe,
 )
-from eval.transfer import TransferConfig, TransferModel, layer_id, param_groups, train_transfer
+from dino_vos.eval.transfer import (
+    TransferConfig,
+    TransferModel,
+    layer_id,
+    param_groups,
+    train_transfer,
+)
 
 ARCH = {
     "model": "vit_tiny_patch16_224",
@@ -176,22 +182,23 @@ def test_image_features_follow_the_reference_layouts(backbone: Backbone):
 def test_feature_cache_is_reused_and_keyed(tmp_path: Path, dataset: Path, backbone, monkeypatch):
     train, _ = load_imagefolder(dataset / "train", dataset / "val")
     spec = FeatureSpec()
-    first = cached_features(backbone, train, "train", spec, IMAGE_SIZE, cache_dir=tmp_path)
+    first = cached_image_features(backbone, train, "train", spec, IMAGE_SIZE, cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("train-*.safetensors")
     with safe_open(str(cache_file), framework="pt") as handle:
         meta = handle.metadata()
         assert handle.get_tensor("labels").tolist() == train.labels.tolist()
     assert meta["backbone"] == backbone.name and meta["weights_id"] == backbone.weights_id
+    assert meta["weights_fingerprint"] == weights_fingerprint(backbone)
     assert (meta["image_size"], meta["resize_size"], meta["split"]) == ("32", "37", "train")
 
     def fail(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
-    monkeypatch.setattr(knn_module, "extract_features", fail)
-    again = cached_features(backbone, train, "train", spec, IMAGE_SIZE, cache_dir=tmp_path)
+    monkeypatch.setattr(features_module, "extract_image_features", fail)
+    again = cached_image_features(backbone, train, "train", spec, IMAGE_SIZE, cache_dir=tmp_path)
     assert torch.equal(first, again)
     monkeypatch.undo()
-    bigger = cached_features(backbone, train, "train", spec, 40, cache_dir=tmp_path)
+    bigger = cached_image_features(backbone, train, "train", spec, 40, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("train-*.safetensors"))) == 2
     assert bigger.shape == first.shape == (48, 48)
 
@@ -202,11 +209,10 @@ def test_random_init_weights_are_fingerprinted(backbone: Backbone):
         return Backbone(vit, "tiny (random init)")
 
     one, two = random_tiny(), random_tiny()
-    assert knn_module.weights_fingerprint(backbone) == backbone.weights_id  # a file
-    assert knn_module.weights_fingerprint(one).startswith("random:")
-    assert knn_module.weights_fingerprint(one) != knn_module.weights_fingerprint(two)
+    assert weights_fingerprint(one) != weights_fingerprint(two)
     two.load_state_dict(one.state_dict())
-    assert knn_module.weights_fingerprint(one) == knn_module.weights_fingerprint(two)
+    assert weights_fingerprint(one) == weights_fingerprint(two)  # the content, not the source
+    assert weights_fingerprint(backbone) != weights_fingerprint(one)
 
 
 # --------------------------------------------------------------------------- training
@@ -215,8 +221,8 @@ def test_random_init_weights_are_fingerprinted(backbone: Backbone):
 def test_linear_probe_fast_and_reference_modes_learn(dataset: Path, backbone: Backbone):
     train, val = load_imagefolder(dataset / "train", dataset / "val")
     spec = default_spec(backbone)
-    train_feats = cached_features(backbone, train, "train", spec, IMAGE_SIZE)
-    val_feats = cached_features(backbone, val, "val", spec, IMAGE_SIZE)
+    train_feats = cached_image_features(backbone, train, "train", spec, IMAGE_SIZE)
+    val_feats = cached_image_features(backbone, val, "val", spec, IMAGE_SIZE)
     untrained = LinearClassifier(spec.dim(backbone), 4)
     assert evaluate_classifier(untrained, val_feats, val.labels)[0] <= 50.0
     fast = LinearConfig(epochs=10, batch_size=16, lr=2.0, fast=True)

@@ -9,14 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eval.knn import (
-    BYTES_PER_PAIR,
-    chunk_sizes,
-    gather_shards,
-    knn_evaluate,
-    knn_predict,
-    shard_range,
-)
+from dino_vos.distributed import gather_shards, shard_range
+from dino_vos.eval.knn import BYTES_PER_PAIR, chunk_sizes, knn_evaluate, knn_predict
 
 
 def unit(*angles_deg: float) -> torch.Tensor:

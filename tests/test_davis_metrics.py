@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from eval.davis_metrics import (
+from dino_vos.eval.davis_metrics import (
     ObjectScores,
     boundary_f,
     boundary_radius,
@@ -31,7 +31,7 @@ def square(shape: tuple[int, int], top: int, left: int, size: int) -> np.ndarray
     return mask
 
 
-# --- an independent, loop-based version of the definitions (REFERENCE section 3) -------------
+# --- an independent, loop-based version of the definitions (docs/protocol.md#davis-jf) ---
 
 
 def naive_bmap(seg: np.ndarray) -> np.ndarray:

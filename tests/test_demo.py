@@ -9,13 +9,14 @@ from click.testing import CliRunner
 from conftest import SHARED_DATA, requires_shared_data
 
 from dino_vos import backbones
-from dino_vos.backbones import SHIPPED_BACKBONE, SHIPPED_WEIGHTS_DIR, load_backbone
+from dino_vos.backbones import load_backbone
 from dino_vos.cli import main
 from dino_vos.demo import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE, run_demo, score_against
 from dino_vos.errors import BackboneError
 from dino_vos.features import BackboneFeatures, ResizeSpec
 from dino_vos.masks import read_mask
-from dino_vos.pipeline import VideoPropagator
+from dino_vos.predictor import VideoPropagator
+from dino_vos.registry import SHIPPED_BACKBONE, SHIPPED_WEIGHTS_DIR
 from dino_vos.sources import Frame
 from dino_vos.synthetic import make_clip
 
@@ -40,7 +41,9 @@ def test_shipped_weights_load_offline_by_name_and_are_the_default(offline):
 def _jf(model, frames, ground_truth: np.ndarray, short_side: int = 240) -> float:
     """J&F-Mean of propagating ``ground_truth[0]`` through ``frames`` at ``short_side``."""
     propagator = VideoPropagator(BackboneFeatures(model, ResizeSpec(short_side)))
-    predicted = np.stack([r.labels for r in propagator.propagate(frames, ground_truth[0])])
+    state = propagator.init_state(frames)
+    propagator.add_mask(state, 0, ground_truth[0])
+    predicted = np.stack([r.labels for r in propagator.propagate(state)])
     return score_against(ground_truth, predicted)[0]["J&F-Mean"]
 
 

@@ -24,8 +24,8 @@ from dino_vos.sources import (
     natural_key,
     open_source,
 )
+from dino_vos.spec import resized_frame_size
 from dino_vos.synthetic import make_clip
-from dino_vos.transforms import resized_frame_size
 
 
 def test_reference_resize_rule():

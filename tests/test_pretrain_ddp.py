@@ -23,9 +23,10 @@ WORKER = textwrap.dedent(
     import torch
     import torch.distributed as dist
 
-    from pretrain import distributed, train as train_module
-    from pretrain.config import resolve_config
-    from pretrain.loss import DINOLoss
+    from dino_vos import distributed
+    from dino_vos.pretrain import train as train_module
+    from dino_vos.pretrain.config import resolve_config
+    from dino_vos.pretrain.loss import DINOLoss
 
     run_dir, data, result_path = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)

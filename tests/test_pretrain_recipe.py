@@ -14,15 +14,26 @@ from conftest import PRETRAIN_TINY_OVERRIDES
 from torchvision.transforms import v2
 
 from dino_vos.errors import InputError
+from dino_vos.pretrain.augment import MultiCropAugmentation
+from dino_vos.pretrain.checkpoint import rng_state, set_rng_state
+from dino_vos.pretrain.config import (
+    PRESETS,
+    PretrainConfig,
+    parse_assignment,
+    resolve_config,
+    save_config,
+)
+from dino_vos.pretrain.data import EpochSampler, MultiCropDataset, Sample, collate_crops, scan_paths
+from dino_vos.pretrain.loss import DINOLoss
+from dino_vos.pretrain.model import (
+    DINOHead,
+    MultiCropWrapper,
+    build_student_teacher,
+    update_teacher,
+)
+from dino_vos.pretrain.schedules import cosine_schedule, teacher_temp_schedule
+from dino_vos.pretrain.train import cancel_last_layer_gradients, clip_gradients, param_groups
 from dino_vos.synthetic import make_clip
-from pretrain.augment import MultiCropAugmentation
-from pretrain.checkpoint import rng_state, set_rng_state
-from pretrain.config import PRESETS, PretrainConfig, parse_assignment, resolve_config, save_config
-from pretrain.data import EpochSampler, MultiCropDataset, Sample, collate_crops, scan_paths
-from pretrain.loss import DINOLoss
-from pretrain.model import DINOHead, MultiCropWrapper, build_student_teacher, update_teacher
-from pretrain.schedules import cosine_schedule, teacher_temp_schedule
-from pretrain.train import cancel_last_layer_gradients, clip_gradients, param_groups
 
 TINY = PRETRAIN_TINY_OVERRIDES
 
@@ -324,7 +335,7 @@ def test_overrides_files_and_errors(tmp_path):
 
 # -- distributed environment ----------------------------------------------------------------------
 def test_slurm_variables_become_torch_distributed_env(monkeypatch):
-    from pretrain import distributed
+    from dino_vos import distributed
 
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     # A private copy of the environment: whatever the code sets disappears after the test.

@@ -17,11 +17,11 @@ from conftest import PRETRAIN_TINY_OVERRIDES
 
 from dino_vos.backbones import load_backbone
 from dino_vos.cli import main
+from dino_vos.pretrain import loss as loss_module
+from dino_vos.pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from dino_vos.pretrain.config import resolve_config
+from dino_vos.pretrain.train import TrainingDiverged, train
 from dino_vos.synthetic import make_clip
-from pretrain import loss as loss_module
-from pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from pretrain.config import resolve_config
-from pretrain.train import TrainingDiverged, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def test_process_killed_mid_write_keeps_the_last_good_checkpoint(images, tmp_pat
         f"""
         import os, signal, torch
         from pathlib import Path
-        from pretrain.checkpoint import load_checkpoint, save_checkpoint
+        from dino_vos.pretrain.checkpoint import load_checkpoint, save_checkpoint
         path = Path({str(path)!r})
         content = load_checkpoint(path)
         def torn(obj, target, *args, **kwargs):

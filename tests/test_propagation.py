@@ -1,4 +1,4 @@
-"""The windowed propagation engine against a dense reference of REFERENCE section 2."""
+"""The windowed propagation engine against a dense reference of docs/protocol.md#propagation."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_propagation import dense_propagate
 
+from dino_vos.dense_reference import dense_propagate
 from dino_vos.masks import ObjectIds, resize_labels
-from dino_vos.pipeline import VideoPropagator
+from dino_vos.predictor import VideoPropagator
 from dino_vos.propagation import LabelPropagator, PropagationConfig, labels_from_soft
 from dino_vos.sources import Frame
 from dino_vos.synthetic import make_clip
@@ -40,7 +40,7 @@ def _random_case(height, width, frames, classes, dim=24, seed=0):
 def test_windowed_step_matches_dense_reference(height, width, frames, classes, topk, radius, tile):
     target, keys, labels = _random_case(height, width, frames, classes)
     config = PropagationConfig(topk=topk, radius=radius, tile=tile, max_chunk_bytes=20_000)
-    soft = LabelPropagator(config).propagate(
+    soft = LabelPropagator(config).soft_labels(
         F.normalize(target, dim=-1), F.normalize(keys, dim=-1), labels
     )
     expected = dense_propagate(target, keys, labels, topk=topk, radius=radius)
@@ -55,7 +55,7 @@ def test_ties_with_the_kth_value_are_kept():
     keys = F.one_hot(torch.randint(0, 3, (3, 9, 11), generator=generator), 5).float()
     labels = torch.softmax(3 * torch.randn(3, 3, 9, 11, generator=generator), 1)
     config = PropagationConfig(topk=5, radius=3, tile=4)
-    soft = LabelPropagator(config).propagate(target, keys, labels)
+    soft = LabelPropagator(config).soft_labels(target, keys, labels)
     expected = dense_propagate(target, keys, labels, topk=5, radius=3)
     torch.testing.assert_close(soft, expected, atol=1e-6, rtol=1e-6)
     # Without the tie rule only 5 entries would vote: the result would differ.
@@ -149,7 +149,9 @@ def test_generated_clip_is_tracked_with_colour_features():
     clip = make_clip(16, (96, 144), num_objects=3, seed=5, object_ids=(2, 5, 9))
     frames = [Frame(i, f"{i:05d}", image) for i, image in enumerate(clip.frames)]
     propagator = VideoPropagator(ColourFeatures(), PropagationConfig(radius=6, tile=8))
-    results = list(propagator.propagate(frames, clip.masks[0]))
+    state = propagator.init_state(frames)
+    propagator.add_mask(state, 0, clip.masks[0])
+    results = list(propagator.propagate(state))
     assert [r.index for r in results] == list(range(16))
     assert results[0].soft is None and np.array_equal(results[0].labels, clip.masks[0])
     scores = [
@@ -163,7 +165,7 @@ def test_first_mask_is_resized_with_pil_nearest_to_the_grid():
     mask = np.zeros((48, 80), np.uint8)
     mask[10:30, 20:50] = 4
     mask[0:5, 0:5] = 255  # void: an all-zero label vector
-    labels, ids = VideoPropagator(ColourFeatures()).first_frame_labels(mask, (48, 80))
+    labels, ids = VideoPropagator(ColourFeatures()).mask_labels(mask, (48, 80))
     assert ids == ObjectIds((0, 4))
     small = resize_labels(mask, (24, 40))
     assert labels.shape == (2, 24, 40)

@@ -32,10 +32,11 @@ import timm
 import torch
 
 from dino_vos.backbones import Backbone, load_backbone
-from eval.imagefolder import ImageFolderSplit, load_imagefolder
-from eval.knn import FeatureSpec, extract_features, knn_evaluate
-from eval.linear import LinearConfig, default_spec, train_linear_probe
-from eval.transfer import TransferConfig, train_transfer
+from dino_vos.eval.features import FeatureSpec, extract_image_features
+from dino_vos.eval.imagefolder import ImageFolderSplit, load_imagefolder
+from dino_vos.eval.knn import knn_evaluate
+from dino_vos.eval.linear import LinearConfig, default_spec, train_linear_probe
+from dino_vos.eval.transfer import TransferConfig, train_transfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_davis_imagefolder import DEFAULT_SRC, build  # noqa: E402
@@ -97,7 +98,7 @@ def bench_backbone(
     spec = default_spec(backbone)
     start = time.perf_counter()
     feats = {
-        name: extract_features(
+        name: extract_image_features(
             backbone, split, spec, args.image_size, batch_size=args.batch_size,
             workers=args.workers,
         )

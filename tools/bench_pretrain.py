@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from dino_vos.pretrain.config import resolve_config
+from dino_vos.pretrain.train import LOG_NAME, train
+from dino_vos.synthetic import make_clip
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from dino_vos.synthetic import make_clip  # noqa: E402
-from pretrain.config import resolve_config  # noqa: E402
-from pretrain.train import LOG_NAME, train  # noqa: E402
-
 DAVIS_TRAIN = REPO_ROOT.parent / "shared" / "data" / "davis2016-train-240p" / "JPEGImages" / "240p"
 
 

@@ -46,9 +46,7 @@ def _step_inputs(seed: int = 0):
 
 def inner(variant: str, repeats: int) -> dict:
     """Time one variant in this process; report seconds per step and peak extra memory."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from reference_propagation import dense_propagate, window_mask
-
+    from dino_vos.dense_reference import dense_propagate, window_mask
     from dino_vos.propagation import LabelPropagator, PropagationConfig
 
     target, keys, labels = _step_inputs()
@@ -115,7 +113,7 @@ def _e2e_input(workdir: Path, frames: int) -> tuple[Path, Path, str]:
 
 
 def bench_end_to_end(frames: int) -> dict:
-    from dino_vos.api import propagate_video
+    from dino_vos.api import propagate_to_folder
     from dino_vos.backbones import load_backbone
     from dino_vos.features import BackboneFeatures
     from dino_vos.sources import open_source
@@ -137,7 +135,7 @@ def bench_end_to_end(frames: int) -> dict:
         frame_dir, mask, label = _e2e_input(Path(tmp), frames)
         source = open_source(frame_dir, limit=frames)
         start = time.perf_counter()
-        propagate_video(source, mask, Path(tmp) / "out", extractor)
+        propagate_to_folder(source, mask, Path(tmp) / "out", extractor)
         total = time.perf_counter() - start
     per_frame = total / frames
     forward = sum(backbone_seconds) / frames

@@ -1,4 +1,4 @@
-"""A straightforward dense implementation of REFERENCE section 2 (steps 3-5), for comparison.
+"""The dense formulation of docs/protocol.md#propagation: the independent check of the engine.
 
 Full N x N affinity per context frame, multiplied by the square window mask, joint top-k over
 all context frames (ties with the k-th kept), normalised to sum 1, weighted vote. It mirrors the

@@ -2,51 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from dino_vos.attention import COLORMAPS, DEFAULT_THRESHOLD, export_attention
-from dino_vos.cli import with_backbone_features
+from dino_vos.cli.options import (
+    batch_option,
+    build_features,
+    input_argument,
+    max_frames_option,
+    out_option,
+    with_backbone_spec,
+)
 from dino_vos.console import console, progress_bar
-from dino_vos.export import FeatureExporter, export_features
-from dino_vos.features import BackboneFeatures
-from dino_vos.sources import open_source
-
-input_argument = click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-out_option = click.option(
-    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
-)
-batch_option = click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Frames per backbone forward.",
-)
-max_frames_option = click.option(
-    "--max-frames", type=click.IntRange(min=1), default=None, help="Only the first N frames."
-)
-
-
-def _seed(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
-    if value is not None:
-        import torch
-
-        torch.manual_seed(value)
-
-
-# Eager: applied while parsing, before the backbone options build the model.
-seed_option = click.option(
-    "--seed",
-    type=int,
-    default=None,
-    is_eager=True,
-    expose_value=False,
-    callback=_seed,
-    help="Seed the random generator (reproducible --random-init weights).",
-)
+from dino_vos.defaults import ATTENTION_THRESHOLD, COLORMAPS
+from dino_vos.spec import BackboneSpec
 
 
 def parse_layers(values: tuple[str, ...]) -> list[int] | None:
@@ -71,9 +41,10 @@ def parse_layers(values: tuple[str, ...]) -> list[int] | None:
     "--threshold",
     type=click.FloatRange(min=0, max=1, min_open=True),
     is_flag=False,
-    flag_value=DEFAULT_THRESHOLD,
+    flag_value=ATTENTION_THRESHOLD,
     default=None,
-    help=f"Also write masks keeping this fraction of each map's mass (alone: {DEFAULT_THRESHOLD}).",
+    help="Also write masks keeping this fraction of each map's mass "
+    f"(alone: {ATTENTION_THRESHOLD}).",
 )
 @click.option(
     "--overlay",
@@ -97,9 +68,8 @@ def parse_layers(values: tuple[str, ...]) -> list[int] | None:
 )
 @batch_option
 @max_frames_option
-@seed_option
-@with_backbone_features
-def attention_command(
+@with_backbone_spec(seed=True)
+def attention(
     input_path: Path,
     out_dir: Path,
     threshold: float | None,
@@ -110,11 +80,14 @@ def attention_command(
     interpolation: str,
     batch_size: int,
     max_frames: int | None,
-    load_features: Callable[[], BackboneFeatures],
+    spec: BackboneSpec,
 ) -> None:
     """Last-block CLS attention maps of INPUT (an image, a folder of frames or a video)."""
+    from dino_vos.attention import export_attention
+    from dino_vos.sources import open_source
+
     source = open_source(input_path, limit=max_frames, allow_image=True)
-    features = load_features()
+    features = build_features(spec)
     with progress_bar("frames") as progress:
         task = progress.add_task("Attention", total=len(source))
         summary = export_attention(
@@ -159,9 +132,8 @@ def attention_command(
 )
 @batch_option
 @max_frames_option
-@seed_option
-@with_backbone_features
-def features_command(
+@with_backbone_spec(seed=True)
+def features(
     input_path: Path,
     out_dir: Path,
     layers: tuple[str, ...],
@@ -171,13 +143,16 @@ def features_command(
     layout: str,
     batch_size: int,
     max_frames: int | None,
-    load_features: Callable[[], BackboneFeatures],
+    spec: BackboneSpec,
 ) -> None:
     """Patch features (and CLS tokens) of INPUT (an image, a folder of frames or a video)."""
+    from dino_vos.export import FeatureExporter, export_features
+    from dino_vos.sources import open_source
+
     block_indices = parse_layers(layers)
     source = open_source(input_path, limit=max_frames, allow_image=True)
-    features = load_features()
-    exporter = FeatureExporter(features, block_indices, not no_norm, dtype, l2)  # type: ignore[arg-type]
+    extractor = build_features(spec)
+    exporter = FeatureExporter(extractor, block_indices, not no_norm, dtype, l2)  # type: ignore[arg-type]
     with progress_bar("frames") as progress:
         task = progress.add_task("Features", total=len(source))
         summary = export_features(

@@ -9,7 +9,7 @@ import click
 
 from dino_vos.console import console
 from dino_vos.errors import InputError
-from pretrain.config import PRECISIONS, PRESETS, load_config_file, resolve_config
+from dino_vos.pretrain.config import PRECISIONS, PRESETS, resolve_config
 
 #: CLI flag -> config key.
 FLAG_KEYS = {
@@ -25,18 +25,6 @@ FLAG_KEYS = {
     "max_minutes": "train.max_minutes",
     "max_steps": "train.max_steps",
 }
-
-
-def _saved_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config a run was started with (config.yaml, else the checkpoint's copy)."""
-    from pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint
-    from pretrain.train import CONFIG_NAME
-
-    if not (run_dir / CHECKPOINT_NAME).is_file():
-        return None
-    if (run_dir / CONFIG_NAME).is_file():
-        return load_config_file(run_dir / CONFIG_NAME)
-    return load_checkpoint(run_dir / CHECKPOINT_NAME)["config"]
 
 
 @click.group(
@@ -95,7 +83,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.pass_context
-def pretrain_command(
+def pretrain(
     ctx: click.Context,
     preset: str | None,
     config_file: Path | None,
@@ -116,12 +104,12 @@ def pretrain_command(
         return
     if out_dir is None:
         raise click.UsageError("--out RUN_DIR is required (try --help)")
-    from pretrain.train import train
+    from dino_vos.pretrain.train import saved_config, train
 
     overrides: dict[str, Any] = {FLAG_KEYS[name]: value for name, value in flags.items()}
     if data:
         overrides["data.paths"] = [str(p) for p in data]
-    saved = _saved_config(out_dir) if resume else None
+    saved = saved_config(out_dir) if resume else None
     if saved is not None:
         if preset is not None or config_file is not None:
             console.print("Resuming: the run's saved config is used (--preset/--config ignored)")
@@ -137,7 +125,7 @@ def pretrain_command(
     train(config, out_dir, resume=resume)
 
 
-@pretrain_command.command(name="plot")
+@pretrain.command(name="plot")
 @click.argument("log", type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -149,7 +137,7 @@ def pretrain_command(
 )
 def plot_command(log: Path, out_path: Path) -> None:
     """Plot loss, teacher entropy, KL, schedules and images/s from a run's LOG (log.jsonl)."""
-    from pretrain.plot import plot_log
+    from dino_vos.pretrain.plot import plot_log
 
     if log.is_dir():
         log = log / "log.jsonl"

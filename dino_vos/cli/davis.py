@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from dino_vos.cli import backbone_options, propagation_options, resize_options
+from dino_vos.cli.options import propagation_options, with_backbone_spec
+from dino_vos.spec import BackboneSpec, PropagationConfig
 
 
 @click.command("davis")
@@ -55,13 +55,6 @@ from dino_vos.cli import backbone_options, propagation_options, resize_options
     help="Sequences run in parallel processes.",
 )
 @click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of --random-init weights (every worker and rank builds the same model).",
-)
-@click.option(
     "--max-frames",
     type=click.IntRange(min=3),
     default=None,
@@ -73,9 +66,22 @@ from dino_vos.cli import backbone_options, propagation_options, resize_options
     help="Exclude ground-truth 255 pixels from J and F (the official tool counts them as "
     "background).",
 )
-@backbone_options
-@resize_options
-def davis_command(**options: Any) -> None:
+@with_backbone_spec(seed=True)
+def davis(
+    davis_root: Path,
+    split: str,
+    year: str | None,
+    resolution: str,
+    sequences: str | None,
+    results_dir: Path | None,
+    out_dir: Path | None,
+    config: PropagationConfig,
+    cache_dir: Path | None,
+    workers: int,
+    max_frames: int | None,
+    ignore_void: bool,
+    spec: BackboneSpec,
+) -> None:
     """J&F of label propagation on a DAVIS split, scored like the official DAVIS 2017 tool.
 
     Propagates every sequence into OUT/<seq>/ (complete sequences are reused, so an interrupted
@@ -83,6 +89,33 @@ def davis_command(**options: Any) -> None:
     davis_results-<split>.json and a per-object bar chart. Under torchrun every rank takes a
     share of the sequences and rank 0 writes the results.
     """
-    from eval.davis_main import run_davis_command
+    from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
 
-    run_davis_command(**options)
+    names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
+    given = [
+        flag
+        for flag, value in (
+            ("--backbone", spec.name),
+            ("--weights", spec.weights),
+            ("--random-init", spec.random_init),
+            ("--cache", cache_dir),
+        )
+        if value
+    ]
+    job = DavisJob(
+        davis_root=davis_root,
+        split=split,
+        year=year,
+        resolution=resolution,
+        sequences=names,
+        results_dir=results_dir,
+        out_dir=out_dir,
+        spec=None if results_dir is not None else spec,
+        config=config,
+        cache_dir=cache_dir,
+        workers=workers,
+        max_frames=max_frames,
+        ignore_void=ignore_void,
+    )
+    check_job(job, given)
+    run_davis(job)

@@ -1,0 +1,68 @@
+"""The ``dino-vos`` command line: a thin layer over the Python API that nothing else imports.
+
+Subcommands are resolved by dotted path only when they are invoked (or listed), and their
+modules import nothing heavier than click: torch, timm and OpenCV load inside a command, after
+its inputs were checked, so ``--help`` and typos answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from dino_vos import __version__
+from dino_vos.errors import DinoVosError
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are ``"module:attribute"`` paths imported on demand."""
+
+    def __init__(self, *args: Any, lazy_subcommands: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy_subcommands = dict(lazy_subcommands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_subcommands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        path = self.lazy_subcommands.get(cmd_name)
+        if path is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = path.split(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{path} is not a click command")
+        return command
+
+
+class DinoVosGroup(LazyGroup):
+    """The root group: :class:`DinoVosError` becomes one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DinoVosError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: partial outputs were discarded.", err=True)
+            ctx.exit(130)
+
+
+@click.group(
+    cls=DinoVosGroup,
+    lazy_subcommands={
+        "propagate": "dino_vos.cli.propagate:propagate",
+        "demo": "dino_vos.cli.propagate:demo",
+        "attention": "dino_vos.cli.export:attention",
+        "features": "dino_vos.cli.export:features",
+        "eval": "dino_vos.cli.eval:eval_group",
+        "pretrain": "dino_vos.cli.pretrain:pretrain",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(__version__, prog_name="dino-vos")
+def main() -> None:
+    """Video object segmentation with self-supervised DINO Vision Transformers."""

@@ -1,0 +1,231 @@
+"""Options shared by the commands, and the one place where options become a model.
+
+Nothing here imports torch: the options turn into a :class:`~dino_vos.spec.BackboneSpec`, which
+builds the model only when a command calls :func:`build_features` or :func:`build_backbone`,
+after its inputs were checked.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from dino_vos.console import console
+from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
+from dino_vos.spec import (
+    CHECKPOINT_KEYS,
+    POS_EMBED_MODES,
+    RESIZE_RULES,
+    BackboneSpec,
+    PropagationConfig,
+    ResizeSpec,
+)
+
+if TYPE_CHECKING:
+    from dino_vos.backbones import Backbone
+    from dino_vos.features import BackboneFeatures
+
+_BACKBONE_KEYS = ("backbone", "weights", "checkpoint_key", "random_init", "pos_embed", "device")
+_PROPAGATION_DEFAULTS = PropagationConfig()
+
+
+def _apply(func: Callable, options: list[Callable]) -> Callable:
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def backbone_options(func: Callable) -> Callable:
+    """--backbone/--weights/--checkpoint-key/--random-init/--pos-embed/--device."""
+    return _apply(
+        func,
+        [
+            click.option(
+                "--backbone",
+                default=None,
+                help=f"Model name: {', '.join(backbone_names(available_only=False))}, a timm ViT "
+                f"name or a weights file [default: {DEFAULT_BACKBONE} when its weights are cached "
+                f"or online, else the shipped {SHIPPED_BACKBONE}; inferred from --weights].",
+            ),
+            click.option(
+                "--weights",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="Local weights: official DINO .pth, training checkpoint, or .safetensors.",
+            ),
+            click.option(
+                "--checkpoint-key",
+                type=click.Choice(CHECKPOINT_KEYS),
+                default="teacher",
+                show_default=True,
+                help="Which network of a training checkpoint to load.",
+            ),
+            click.option(
+                "--random-init", is_flag=True, help="Use the architecture with random weights."
+            ),
+            click.option(
+                "--pos-embed",
+                type=click.Choice(POS_EMBED_MODES),
+                default="reference",
+                show_default=True,
+                help="Position-embedding resize: DINO reference formula or timm's dynamic resize.",
+            ),
+            click.option(
+                "--device", default="auto", show_default=True, help="auto, cpu, cuda[:N]."
+            ),
+        ],
+    )
+
+
+def resize_options(func: Callable | None = None, *, short_side: int = 480) -> Callable:
+    """--short-side (default ``short_side``) and --resize-rule; usable with or without arguments."""
+    if func is None:
+        return functools.partial(resize_options, short_side=short_side)
+    return _apply(
+        func,
+        [
+            click.option(
+                "--short-side",
+                type=click.IntRange(min=8),
+                default=short_side,
+                show_default=True,
+                help="Short side of the network input in pixels.",
+            ),
+            click.option(
+                "--resize-rule",
+                type=click.Choice(RESIZE_RULES),
+                default="reference",
+                show_default=True,
+                help="reference: short side N, long side floored to a multiple of 64 (DINO "
+                "protocol); patch: short side N, both sides rounded to a multiple of the patch.",
+            ),
+        ],
+    )
+
+
+seed_option = click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of --random-init weights (every worker and rank builds the same model).",
+)
+
+
+def with_backbone_spec(
+    func: Callable | None = None,
+    *,
+    short_side: int | None = 480,
+    seed: bool = False,
+) -> Callable:
+    """Add the backbone options (resize too unless ``short_side`` is None, and ``--seed`` with
+    ``seed``); the command receives them as one ``spec=BackboneSpec``."""
+    if func is None:
+        return functools.partial(with_backbone_spec, short_side=short_side, seed=seed)
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        resize = ResizeSpec()
+        if short_side is not None:
+            resize = ResizeSpec(kwargs.pop("short_side"), kwargs.pop("resize_rule"))
+        values = {key: kwargs.pop(key) for key in _BACKBONE_KEYS}
+        spec = BackboneSpec(
+            name=values["backbone"],
+            weights=str(values["weights"]) if values["weights"] is not None else None,
+            checkpoint_key=values["checkpoint_key"],
+            random_init=values["random_init"],
+            seed=kwargs.pop("seed") if seed else 0,
+            pos_embed=values["pos_embed"],
+            resize=resize,
+            device=values["device"],
+        )
+        return func(spec=spec, **kwargs)
+
+    decorated = backbone_options(wrapper)
+    if short_side is not None:
+        decorated = resize_options(decorated, short_side=short_side)
+    return seed_option(decorated) if seed else decorated
+
+
+def build_backbone(spec: BackboneSpec) -> Backbone:
+    """Build the model of ``spec`` and say which one is used."""
+    with console.status(f"Loading backbone {spec.label()} ..."):
+        backbone = spec.build_backbone()
+    console.print(f"Backbone: {backbone.describe()}")
+    return backbone
+
+
+def build_features(spec: BackboneSpec) -> BackboneFeatures:
+    """The patch-feature extractor of ``spec`` (model + frame resize)."""
+    from dino_vos.features import BackboneFeatures
+
+    return BackboneFeatures(build_backbone(spec), spec.resize)
+
+
+def propagation_options(func: Callable) -> Callable:
+    """--topk/--context/--radius/--temperature (defaults: the DINO reference protocol); the
+    command receives them as one ``config=PropagationConfig``."""
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        config = PropagationConfig(
+            topk=kwargs.pop("topk"),
+            context=kwargs.pop("context"),
+            radius=kwargs.pop("radius"),
+            temperature=kwargs.pop("temperature"),
+        )
+        return func(config=config, **kwargs)
+
+    return _apply(
+        wrapper,
+        [
+            click.option(
+                "--topk",
+                type=click.IntRange(min=1),
+                default=_PROPAGATION_DEFAULTS.topk,
+                show_default=True,
+                help="Neighbours kept jointly over the context frames.",
+            ),
+            click.option(
+                "--context",
+                type=click.IntRange(min=0),
+                default=_PROPAGATION_DEFAULTS.context,
+                show_default=True,
+                help="Recent frames used besides the first one.",
+            ),
+            click.option(
+                "--radius",
+                type=int,
+                default=_PROPAGATION_DEFAULTS.radius,
+                show_default=True,
+                help="Square window half-size in patches (0: whole frame).",
+            ),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(min=0, min_open=True),
+                default=_PROPAGATION_DEFAULTS.temperature,
+                show_default=True,
+                help="Softmax temperature of the affinities.",
+            ),
+        ],
+    )
+
+
+input_argument = click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+out_option = click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+max_frames_option = click.option(
+    "--max-frames", type=click.IntRange(min=1), default=None, help="Only the first N frames."
+)
+batch_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Frames per backbone forward.",
+)

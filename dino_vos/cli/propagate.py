@@ -1,0 +1,187 @@
+"""``dino-vos propagate`` and ``dino-vos demo``: the main job, on the user's video or offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dino_vos.cli.options import (
+    build_features,
+    input_argument,
+    max_frames_option,
+    out_option,
+    propagation_options,
+    with_backbone_spec,
+)
+from dino_vos.console import console, progress_bar
+from dino_vos.defaults import DEMO_SIZE
+from dino_vos.errors import DinoVosError
+from dino_vos.spec import BackboneSpec, PropagationConfig
+
+
+def _run_metadata(features: Any) -> dict[str, Any]:
+    backbone = features.backbone
+    return {
+        "backbone": backbone.name,
+        "weights": backbone.weights_id,
+        "resize": features.resize.key(),
+    }
+
+
+@click.command()
+@input_argument
+@click.option(
+    "--mask",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="First-frame annotation PNG (indexed, or grayscale 0/255).",
+)
+@out_option
+@propagation_options
+@click.option(
+    "--overlay",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write an overlay video (.mp4).",
+)
+@click.option(
+    "--save-probs",
+    type=click.Choice(["npz", "safetensors"]),
+    default=None,
+    help="Also save soft label maps per frame (float16) under OUT/probs/.",
+)
+@max_frames_option
+@with_backbone_spec
+def propagate(
+    input_path: Path,
+    mask: Path,
+    out_dir: Path,
+    config: PropagationConfig,
+    overlay: Path | None,
+    save_probs: str | None,
+    max_frames: int | None,
+    spec: BackboneSpec,
+) -> None:
+    """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
+    from dino_vos.api import propagate_to_folder
+    from dino_vos.predictor import read_annotation
+    from dino_vos.sources import open_source
+
+    source = open_source(input_path, limit=max_frames)
+    first_mask = read_annotation(mask, source)
+    features = build_features(spec)
+    with progress_bar("frames") as progress:
+        task = progress.add_task("Propagating", total=len(source))
+        summary = propagate_to_folder(
+            source,
+            first_mask,
+            out_dir,
+            features,
+            config,
+            overlay=overlay,
+            save_probs=save_probs,  # type: ignore[arg-type]
+            on_frame=lambda _: progress.advance(task),
+            metadata=_run_metadata(features),
+        )
+    objects = len(summary.object_ids) - 1
+    extra = f", overlay {summary.overlay}" if summary.overlay else ""
+    console.print(
+        f"Wrote {summary.num_frames} masks ({objects} object{'s' * (objects != 1)}) to "
+        f"{summary.out_dir} in {summary.seconds:.1f} s ({summary.frames_per_second:.2f} frames/s)"
+        f"{extra}"
+    )
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("dino-vos-demo"),
+    show_default=True,
+    help="Output folder.",
+)
+@click.option(
+    "--video",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Your own clip (video file or frame folder) instead of the generated one.",
+)
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="First-frame annotation of --video.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Generated clip's seed.")
+@click.option(
+    "--clip-style",
+    type=click.Choice(["grass", "colour"]),
+    default="grass",
+    show_default=True,
+    help="Generated clip: objects close in colour to a grainy background (grass), where trained "
+    "features matter, or saturated objects on grey (colour), easy for any backbone.",
+)
+@with_backbone_spec(short_side=DEMO_SIZE[0])
+def demo(
+    out_dir: Path,
+    video: Path | None,
+    mask: Path | None,
+    seed: int,
+    clip_style: str,
+    spec: BackboneSpec,
+) -> None:
+    """Run the main job offline: propagate a generated clip (or --video/--mask) and score it."""
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from dino_vos.demo import run_demo
+    from dino_vos.registry import SHIPPED_BACKBONE, registered_backbone
+
+    if (video is None) != (mask is None):
+        raise DinoVosError("give --video and --mask together (or neither for the generated clip)")
+    source, first_mask = None, None
+    if video is not None and mask is not None:  # check the user's clip before loading a model
+        from dino_vos.predictor import read_annotation
+        from dino_vos.sources import open_source
+
+        source = open_source(video)
+        first_mask = read_annotation(mask, source)
+    shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
+    if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
+        spec = replace(spec, name=SHIPPED_BACKBONE)
+    features = build_features(spec)
+    with progress_bar("frames") as progress:
+        task = progress.add_task("Propagating", total=None)
+        result = run_demo(
+            out_dir,
+            features,
+            video=source,
+            mask=first_mask,
+            seed=seed,
+            clip_style=clip_style,
+            on_start=lambda total: progress.update(task, total=total),
+            on_frame=lambda _: progress.advance(task),
+            metadata=_run_metadata(features),
+        )
+    summary = result.summary
+    console.print(
+        f"Wrote {summary.num_frames} masks to {summary.out_dir} and {summary.overlay} in "
+        f"{summary.seconds:.1f} s ({summary.frames_per_second:.2f} frames/s)"
+    )
+    if result.scores is None or result.per_object is None:
+        return
+    table = Table(title=f"J&F on the generated clip ({features.backbone.name})")
+    for column in ("object", "J-Mean", "F-Mean", "J&F-Mean"):
+        table.add_column(column, justify="right")
+    for object_id, stats in result.per_object.items():
+        jf = (stats["J-Mean"] + stats["F-Mean"]) / 2
+        table.add_row(str(object_id), *(f"{v:.3f}" for v in (stats["J-Mean"], stats["F-Mean"], jf)))
+    s = result.scores
+    table.add_row(
+        "all", f"{s['J-Mean']:.3f}", f"{s['F-Mean']:.3f}", f"{s['J&F-Mean']:.3f}", style="bold"
+    )
+    console.print(table)

@@ -1,0 +1,110 @@
+"""Backbones by short name, registered in the style of timm's ``register_model``.
+
+This module imports neither torch nor timm: the command line lists and checks names with it
+before any model code loads. :func:`dino_vos.backbones.load_backbone` builds the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RegisteredBackbone:
+    """What a short backbone name stands for.
+
+    ``timm_name``: the timm model whose pretrained weights are used (hub cache or download).
+    ``checkpoint_file``: the official release's file name, suggested when offline.
+    ``shipped``: the weights ship inside the package (``dino_vos/weights/<name>.safetensors``).
+    """
+
+    name: str
+    description: str
+    timm_name: str | None = None
+    checkpoint_file: str | None = None
+    shipped: bool = False
+
+    @property
+    def shipped_file(self) -> Path | None:
+        return SHIPPED_WEIGHTS_DIR / f"{self.name}.safetensors" if self.shipped else None
+
+
+_REGISTRY: dict[str, RegisteredBackbone] = {}
+
+#: Models shipped inside the package (``dino_vos/weights/<name>.safetensors``).
+SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: The backbone of the DINO protocol, used when its weights are cached or downloadable.
+DEFAULT_BACKBONE = "dino_vits8"
+#: The model shipped with dino-vos, used when no other weights can be had (offline).
+SHIPPED_BACKBONE = "dino_vos_tiny"
+
+
+BackboneFactory = Callable[[], "RegisteredBackbone"]
+
+
+def register_backbone(factory: BackboneFactory) -> BackboneFactory:
+    """Register the entry ``factory()`` under its own ``name`` (decorator)."""
+    entry = factory()
+    if entry.name in _REGISTRY:
+        raise ValueError(f"backbone '{entry.name}' is registered twice")
+    _REGISTRY[entry.name] = entry
+    return factory
+
+
+def registered_backbone(name: str) -> RegisteredBackbone | None:
+    """The entry registered as ``name``, or None (a timm name or a file path)."""
+    return _REGISTRY.get(name)
+
+
+def backbone_names(available_only: bool = True) -> list[str]:
+    """Registered short names; with ``available_only``, shipped models whose file is present."""
+    return [
+        name
+        for name, entry in _REGISTRY.items()
+        if not (available_only and entry.shipped and not entry.shipped_file.is_file())  # type: ignore[union-attr]
+    ]
+
+
+def _official_dino(name: str, timm_name: str, checkpoint: str, size: str) -> RegisteredBackbone:
+    return RegisteredBackbone(
+        name, f"official DINO {size} (Caron et al. 2021)", timm_name, checkpoint
+    )
+
+
+@register_backbone
+def dino_vits16() -> RegisteredBackbone:
+    return _official_dino(
+        "dino_vits16", "vit_small_patch16_224.dino", "dino_deitsmall16_pretrain.pth", "ViT-S/16"
+    )
+
+
+@register_backbone
+def dino_vits8() -> RegisteredBackbone:
+    return _official_dino(
+        "dino_vits8", "vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth", "ViT-S/8"
+    )
+
+
+@register_backbone
+def dino_vitb16() -> RegisteredBackbone:
+    return _official_dino(
+        "dino_vitb16", "vit_base_patch16_224.dino", "dino_vitbase16_pretrain.pth", "ViT-B/16"
+    )
+
+
+@register_backbone
+def dino_vitb8() -> RegisteredBackbone:
+    return _official_dino(
+        "dino_vitb8", "vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth", "ViT-B/8"
+    )
+
+
+@register_backbone
+def dino_vos_tiny() -> RegisteredBackbone:
+    return RegisteredBackbone(
+        "dino_vos_tiny",
+        "ViT-Ti/8 (6 blocks) pretrained by dino-vos on DAVIS-2016 train; ships in the package",
+        shipped=True,
+    )

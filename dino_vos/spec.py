@@ -1,0 +1,151 @@
+"""What a run computes: :class:`BackboneSpec`, :class:`ResizeSpec`, :class:`PropagationConfig`.
+
+Both are frozen, picklable dataclasses without torch imports, so that the command line, worker
+processes and ``torchrun`` ranks describe the same model the same way and build it only when
+needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#frame-preprocessing``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from dino_vos.backbones import Backbone
+    from dino_vos.features import BackboneFeatures
+
+ResizeRule = Literal["reference", "patch"]
+RESIZE_RULES: tuple[str, ...] = ("reference", "patch")
+PosEmbedMode = Literal["reference", "timm"]
+POS_EMBED_MODES: tuple[str, ...] = ("reference", "timm")
+CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student")
+
+
+def resized_frame_size(
+    height: int,
+    width: int,
+    short_side: int | None = 480,
+    rule: ResizeRule = "reference",
+    patch_size: int = 8,
+) -> tuple[int, int]:
+    """Network input size (H, W) for an original frame of ``height`` x ``width``.
+
+    ``reference``: short side -> ``short_side``, long side -> floor(long * short_side / short /
+    64) * 64; square frames become short_side (H) x floor(short_side / 64) * 64 (W), as the
+    reference frame reader does. ``patch``: scale the short side to ``short_side`` (or keep the
+    size when None) and round each side to the nearest multiple of ``patch_size``.
+    """
+    if rule == "reference":
+        target = short_side or min(height, width)
+        if height > width:
+            out_w = target
+            out_h = int((target * height / width) // 64 * 64)
+        else:
+            out_h = target
+            out_w = int((target * width / height) // 64 * 64)
+        return max(out_h, 64), max(out_w, 64)
+    if rule == "patch":
+        scale = 1.0 if short_side is None else short_side / min(height, width)
+        out_h = max(patch_size, round(height * scale / patch_size) * patch_size)
+        out_w = max(patch_size, round(width * scale / patch_size) * patch_size)
+        return out_h, out_w
+    raise ValueError(f"unknown resize rule '{rule}': use one of {', '.join(RESIZE_RULES)}")
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """How frames are resized before the backbone."""
+
+    short_side: int | None = 480
+    rule: ResizeRule = "reference"
+
+    def size_for(self, height: int, width: int, patch_size: int) -> tuple[int, int]:
+        return resized_frame_size(height, width, self.short_side, self.rule, patch_size)
+
+    def key(self) -> str:
+        return f"{self.rule}-{self.short_side}"
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Parameters of label propagation (defaults: the DINO reference protocol)."""
+
+    topk: int = 5
+    context: int = 7  # number of most recent frames besides the first one
+    radius: int = 12  # square window half-size in patches; <= 0 means no window
+    temperature: float = 0.1
+    tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
+    max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise ValueError("topk must be at least 1")
+        if self.context < 0:
+            raise ValueError("context must be 0 or more")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if self.tile < 1:
+            raise ValueError("tile must be at least 1")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that determines a backbone and its patch features.
+
+    - ``name``: a registered short name (``dino_vits8`` ... ``dino_vos_tiny``), a timm ViT name
+      or a weights file; None picks the default (see :func:`dino_vos.backbones.load_backbone`).
+    - ``weights``: a local weights file (its architecture is inferred when ``name`` is None).
+    - ``checkpoint_key``: the network of a training checkpoint (``teacher`` or ``student``).
+    - ``random_init``: the architecture with random weights, drawn after seeding torch with
+      ``seed`` (every process and rank builds the same model).
+    - ``pos_embed``: position-embedding resize, ``reference`` (DINO formula) or ``timm``.
+    - ``resize``: the frame resize of :meth:`build`; ``device``: auto, cpu, cuda[:N].
+    """
+
+    name: str | None = None
+    weights: str | None = None
+    checkpoint_key: str = "teacher"
+    random_init: bool = False
+    seed: int = 0
+    pos_embed: PosEmbedMode = "reference"
+    resize: ResizeSpec = field(default_factory=ResizeSpec)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, Path):  # accept paths, store a picklable, hashable str
+            object.__setattr__(self, "weights", str(self.weights))
+
+    def label(self) -> str:
+        """A short description for messages before the model is built."""
+        what = self.name or (Path(self.weights).name if self.weights else "default backbone")
+        return f"{what} (random init)" if self.random_init else what
+
+    def with_device(self, device: str) -> BackboneSpec:
+        return replace(self, device=device)
+
+    def build_backbone(self) -> Backbone:
+        """Build the backbone in eval mode; under torchrun on this rank's GPU."""
+        import torch
+
+        from dino_vos.backbones import load_backbone
+        from dino_vos.distributed import rank_device
+
+        torch.manual_seed(self.seed)  # random-init weights: the same in every process
+        return load_backbone(
+            self.name,
+            weights=self.weights,
+            checkpoint_key=self.checkpoint_key,
+            device=rank_device(self.device),
+            pos_embed=self.pos_embed,
+            pretrained=not self.random_init,
+        )
+
+    def build(self) -> BackboneFeatures:
+        """The backbone with this spec's frame resize: frames in, patch features out."""
+        from dino_vos.features import BackboneFeatures
+
+        return BackboneFeatures(self.build_backbone(), self.resize)
