@@ -177,6 +177,10 @@ class DecordVideoSource(_VideoFile):
                 ) from exc
             yield Frame(index, f"{index:05d}", image)
 
+    def read_frame(self, index: int) -> np.ndarray:
+        """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
+        return self._reader[index].asnumpy()
+
 
 class OpenCVVideoSource(_VideoFile):
     """A video file decoded with OpenCV (fallback where decord is not installed)."""
@@ -207,6 +211,18 @@ class OpenCVVideoSource(_VideoFile):
         finally:
             capture.release()
 
+    def read_frame(self, index: int) -> np.ndarray:
+        """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+            ok, image = capture.read()
+        finally:
+            capture.release()
+        if not ok:
+            raise InputError(f"video {self.path} cannot decode frame {index}")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
 
 class ImageSource(FolderSource):
     """A single image treated as a one-frame source."""
@@ -232,6 +248,22 @@ def video_backend() -> str:
     return "decord"
 
 
+def open_video(
+    path: str | Path,
+    fps: float | None = None,
+    limit: int | None = None,
+    backend: str | None = None,
+) -> DecordVideoSource | OpenCVVideoSource:
+    """A video file, streamed or read at random (``read_frame``): decord where it decodes the
+    file correctly, else OpenCV. The one decoding path of propagation and pretraining."""
+    if (backend or video_backend()) == "decord":
+        try:
+            return DecordVideoSource(path, fps=fps, limit=limit)
+        except DecordUnsupported:
+            pass
+    return OpenCVVideoSource(path, fps=fps, limit=limit)
+
+
 def open_source(
     path: str | Path,
     fps: float | None = None,
@@ -247,12 +279,7 @@ def open_source(
         return FolderSource(path, fps=fps, limit=limit)
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
-        if (backend or video_backend()) == "decord":
-            try:
-                return DecordVideoSource(path, fps=fps, limit=limit)
-            except DecordUnsupported:
-                pass
-        return OpenCVVideoSource(path, fps=fps, limit=limit)
+        return open_video(path, fps, limit, backend)
     if allow_image and suffix in IMAGE_SUFFIXES:
         read_image(path)
         return ImageSource(path, fps=fps)

@@ -1,5 +1,8 @@
 """Training images: folders of images or frames (recursive, labels ignored) and video files.
 
+Videos are decoded by :func:`dino_vos.sources.open_video` (decord, or OpenCV where decord is
+missing or mis-decodes), like the videos given to propagation.
+
 Unreadable files are skipped and counted (the count reaches the log), never a crash. Each
 sample's augmentation is seeded from (seed, epoch, position), so the crops do not depend on the
 number of loader workers and a resumed run sees exactly the crops it would have seen.
@@ -19,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from dino_vos.errors import InputError
-from dino_vos.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, natural_key, read_image
+from dino_vos.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, natural_key, open_video, read_image
 
 MAX_CONSECUTIVE_FAILURES = 64
 VIDEO_CACHE_SIZE = 4
@@ -39,12 +42,6 @@ class ScanResult:
     images: int = 0
     videos: int = 0
     unreadable_videos: int = 0
-
-
-def _video_length(path: Path) -> int:
-    import decord
-
-    return len(decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1))
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -70,8 +67,8 @@ def scan_paths(paths: Sequence[str | Path], video_stride: int = 1) -> ScanResult
                 result.images += 1
             elif suffix in VIDEO_SUFFIXES:
                 try:
-                    length = _video_length(file)
-                except Exception:  # noqa: BLE001 - decord raises its own error types
+                    length = len(open_video(file))
+                except InputError:
                     result.unreadable_videos += 1
                     continue
                 result.samples += [Sample(str(file), i) for i in range(0, length, video_stride)]
@@ -96,12 +93,10 @@ class MultiCropDataset(Dataset):
         return len(self.samples)
 
     def _video(self, path: str) -> Any:
-        import decord
-
         if path not in self._videos:
             if len(self._videos) >= VIDEO_CACHE_SIZE:
                 self._videos.popitem(last=False)
-            self._videos[path] = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            self._videos[path] = open_video(path)
         self._videos.move_to_end(path)
         return self._videos[path]
 
@@ -109,7 +104,7 @@ class MultiCropDataset(Dataset):
         """Decode one sample as RGB uint8 (H, W, 3)."""
         if sample.frame < 0:
             return read_image(Path(sample.path))
-        return self._video(sample.path)[sample.frame].asnumpy()
+        return self._video(sample.path).read_frame(sample.frame)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         index, seed = item

@@ -46,6 +46,7 @@ from dino_vos.pretrain.data import EpochSampler, MultiCropDataset, collate_crops
 from dino_vos.pretrain.loss import DINOLoss
 from dino_vos.pretrain.model import MultiCropWrapper, build_student_teacher, update_teacher
 from dino_vos.pretrain.schedules import cosine_schedule, teacher_temp_schedule
+from dino_vos.spec import BackboneSpec
 
 LOG_NAME = "log.jsonl"
 CONFIG_NAME = "config.yaml"
@@ -69,6 +70,7 @@ class TrainResult:
     teacher: MultiCropWrapper
     center: torch.Tensor
     last_loss: float | None
+    backbone: BackboneSpec | None = None  # the exported teacher (None on ranks other than 0)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -143,11 +145,14 @@ class RunWriter:
         if keep_name is not None:
             save_checkpoint(self.run_dir / keep_name, content)
 
-    def export_backbone(self, network: MultiCropWrapper, arch: dict[str, Any], name: str) -> Path:
-        """Save ``network``'s backbone as dino-vos safetensors (``load_backbone`` reads it)."""
+    def export_backbone(
+        self, network: MultiCropWrapper, arch: dict[str, Any], name: str
+    ) -> BackboneSpec:
+        """Save ``network``'s backbone as dino-vos safetensors; returns the spec that loads it
+        (what ``--weights FILE`` gives every command)."""
         path = self.run_dir / name
         save_backbone_safetensors(network.backbone.state_dict(), path, arch)
-        return path
+        return BackboneSpec(weights=str(path))
 
 
 def _record_step(line: str) -> float:
@@ -504,7 +509,7 @@ class _Trainer:
         if stopped or self.epoch_step > 0 or self.step == 0:
             self.save()  # end-of-epoch checkpoints are already written
         stopped = stopped or "finished"
-        self._finish(stopped)
+        exported = self._finish(stopped)
         return TrainResult(
             self.run_dir,
             self.epoch,
@@ -514,6 +519,7 @@ class _Trainer:
             self.teacher,
             self.loss_fn.center.detach().clone(),
             last_loss,
+            exported,
         )
 
     def _stop_reason(self, total: int) -> str:
@@ -534,9 +540,9 @@ class _Trainer:
         if self.writer is not None and summary:
             self.writer.log({"type": "epoch", "step": self.step, "epoch": done, **summary})
 
-    def _finish(self, stopped: str) -> None:
+    def _finish(self, stopped: str) -> BackboneSpec | None:
         if self.writer is None:
-            return
+            return None
         exported = self.writer.export_backbone(
             self.teacher, self.config.arch(), TEACHER_EXPORT_NAME
         )
@@ -551,5 +557,6 @@ class _Trainer:
         )
         console.print(
             f"Stopped ({stopped}) at epoch {self.epoch}, step {self.step}; checkpoint "
-            f"{self.run_dir / CHECKPOINT_NAME}, teacher backbone {exported}"
+            f"{self.run_dir / CHECKPOINT_NAME}; teacher backbone: --weights {exported.weights}"
         )
+        return exported

@@ -21,6 +21,7 @@ from dino_vos.pretrain import loss as loss_module
 from dino_vos.pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from dino_vos.pretrain.config import resolve_config
 from dino_vos.pretrain.train import TrainingDiverged, train
+from dino_vos.spec import BackboneSpec
 from dino_vos.synthetic import make_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,10 @@ def test_tiny_run_checkpoint_log_and_backbone_loading(images, tmp_path):
         )
     exported = load_backbone(str(run / "teacher_backbone.safetensors"))
     torch.testing.assert_close(exported.vit.cls_token, result.teacher.backbone.cls_token)
+    assert result.backbone == BackboneSpec(weights=str(run / "teacher_backbone.safetensors"))
+    built = result.backbone.build_backbone()  # what --weights gives every command
+    for name, value in result.teacher.backbone.state_dict().items():
+        torch.testing.assert_close(built.vit.state_dict()[name], value)
     initial = load_backbone(str(run / "init_backbone.safetensors"))  # random-init baseline
     assert initial.vit.patch_embed.proj.weight.shape == (48, 3, 8, 8)
     assert not torch.equal(
