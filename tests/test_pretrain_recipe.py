@@ -7,12 +7,14 @@ import os
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import PRETRAIN_TINY_OVERRIDES
 from torchvision.transforms import v2
 
+from dino_vos import sources
 from dino_vos.errors import InputError
 from dino_vos.pretrain.augment import MultiCropAugmentation
 from dino_vos.pretrain.checkpoint import rng_state, set_rng_state
@@ -255,6 +257,29 @@ def test_dataset_skips_unreadable_files_and_counts_them(mixed_data):
     bad = MultiCropDataset([Sample(str(mixed_data / "deep" / "er" / "broken.jpg"))], lambda x: x)
     with pytest.raises(InputError, match="could not be decoded"):
         bad[(0, 0)]
+
+
+@pytest.mark.parametrize("backend", ["decord", "opencv"])
+def test_video_frames_decode_with_either_backend(mixed_data, monkeypatch, backend):
+    """Pretraining reads videos through the decoder of propagation, OpenCV fallback included."""
+    if backend == "decord":
+        pytest.importorskip("decord")
+    monkeypatch.setattr(sources, "video_backend", lambda: backend)
+    video = mixed_data / "videos" / "clip.mp4"
+    scan = scan_paths([video])
+    assert scan.videos == 1 and [s.frame for s in scan.samples] == [0, 1, 2, 3]
+    dataset = MultiCropDataset(scan.samples, lambda image: image)
+    capture = cv2.VideoCapture(str(video))  # independent: read the file front to back
+    for sample in scan.samples:
+        ok, bgr = capture.read()
+        assert ok
+        decoded = dataset.load(sample)
+        assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+        difference = np.abs(decoded.astype(int) - cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        assert difference.mean() < 2  # decord and OpenCV round YUV->RGB slightly differently
+    capture.release()
+    expected = {"decord": sources.DecordVideoSource, "opencv": sources.OpenCVVideoSource}
+    assert type(dataset._video(str(video))) is expected[backend]
 
 
 def test_sampler_shards_per_epoch_and_resumes_mid_epoch():
