@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -63,19 +64,16 @@ def test_stored_square_grid_is_not_resized(tiny_backbone):
     )
 
 
+def _small_vit(**overrides):
+    """A random timm ViT: patch 8, 32-d, 2 heads, 32 px stored grid (4 x 4)."""
+    kwargs = dict(patch_size=8, depth=1, img_size=32, embed_dim=32, num_heads=2, num_classes=0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", dynamic_img_size=True, **{**kwargs, **overrides}
+    ).eval()
+
+
 def test_patch_features_shape_and_register_tokens():
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        patch_size=8,
-        depth=1,
-        img_size=32,
-        embed_dim=32,
-        num_heads=2,
-        reg_tokens=4,
-        no_embed_class=True,
-        num_classes=0,
-        dynamic_img_size=True,
-    )
+    vit = _small_vit(reg_tokens=4, no_embed_class=True)
     backbone = Backbone(vit, "reg").eval()
     assert backbone.num_prefix_tokens == 5
     with torch.no_grad():
@@ -83,6 +81,19 @@ def test_patch_features_shape_and_register_tokens():
         (tokens,), grid = backbone.forward_tokens(torch.randn(2, 3, 40, 56))
     assert features.shape == (2, 5, 7, 32)
     assert tokens.shape == (2, 5 + 35, 32) and grid == (5, 7)
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_patch_features_equal_timms_own_forward_at_the_stored_grid(reg_tokens):
+    """An independent computation: timm's forward_features, where no resize is involved."""
+    vit = _small_vit(depth=2, reg_tokens=reg_tokens)
+    backbone = Backbone(vit, "tiny").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = backbone(images)
+        tokens = vit.forward_features(images)  # final norm included
+    expected = tokens[:, vit.num_prefix_tokens :].reshape(2, 4, 4, 32)
+    torch.testing.assert_close(ours, expected)
 
 
 def _official_checkpoint(path, teacher, student):

@@ -66,6 +66,7 @@ def test_random_init_of_the_shipped_architecture(offline):
 GENERATED_CLIP_THRESHOLD = 0.70
 
 
+@pytest.mark.slow
 def test_shipped_backbone_beats_random_init_on_the_generated_clip(offline):
     """On the demo's grass clips (objects close in colour to a grainy background)."""
     clips = [make_clip(DEMO_FRAMES, DEMO_SIZE, DEMO_OBJECTS, seed=s, style="grass") for s in (0, 1)]
@@ -92,6 +93,7 @@ def _davis_jf(model, sequences: tuple[str, ...], frames: int = 25) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.slow
 @requires_shared_data("davis2016-val-dev")
 def test_shipped_backbone_beats_random_init_on_real_video(offline):
     """The same comparison on real DAVIS frames."""
