@@ -108,7 +108,7 @@ def test_every_module_imports_on_its_own():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_cli_modules_and_help_load_no_torch():
+def test_cli_modules_help_and_input_errors_load_no_torch():
     code = f"""
     import importlib, sys
     for name in {LIGHT_MODULES!r}:
@@ -123,13 +123,18 @@ def test_cli_modules_and_help_load_no_torch():
         result = runner.invoke(main, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
         assert "Usage:" in result.output
-    heavy = sorted(m for m in ("torch", "timm", "torchvision", "cv2", "matplotlib", "decord")
-                   if m in sys.modules)
-    print("heavy:", heavy)
+    heavy = ("torch", "timm", "torchvision", "cv2", "matplotlib", "decord")
+    print("help:", sorted(m for m in heavy if m in sys.modules))
+    for command in ("propagate", "attention", "features"):
+        args = [command, "missing.mp4", "--out", "out"] + (["--mask", "m.png"] if command ==
+                                                             "propagate" else [])
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2 and "input not found: missing.mp4" in result.output
+    print("errors:", sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules))
     """
     result = _run(code)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "heavy: []"
+    assert result.stdout.split("\n")[:2] == ["help: []", "errors: []"]
 
 
 def test_library_modules_never_import_click_or_the_cli():

@@ -83,10 +83,12 @@ def attention(
     spec: BackboneSpec,
 ) -> None:
     """Last-block CLS attention maps of INPUT (an image, a folder of frames or a video)."""
-    from dino_vos.attention import export_attention
     from dino_vos.sources import open_source
 
-    source = open_source(input_path, limit=max_frames, allow_image=True)
+    source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
+
+    from dino_vos.attention import export_attention
+
     features = build_features(spec)
     with progress_bar("frames") as progress:
         task = progress.add_task("Attention", total=len(source))
@@ -146,11 +148,13 @@ def features(
     spec: BackboneSpec,
 ) -> None:
     """Patch features (and CLS tokens) of INPUT (an image, a folder of frames or a video)."""
-    from dino_vos.export import FeatureExporter, export_features
     from dino_vos.sources import open_source
 
     block_indices = parse_layers(layers)
-    source = open_source(input_path, limit=max_frames, allow_image=True)
+    source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
+
+    from dino_vos.export import FeatureExporter, export_features
+
     extractor = build_features(spec)
     exporter = FeatureExporter(extractor, block_indices, not no_norm, dtype, l2)  # type: ignore[arg-type]
     with progress_bar("frames") as progress:

@@ -65,11 +65,13 @@ def propagate(
     spec: BackboneSpec,
 ) -> None:
     """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
-    from dino_vos.api import propagate_to_folder
-    from dino_vos.predictor import read_annotation
     from dino_vos.sources import open_source
 
-    source = open_source(input_path, limit=max_frames)
+    source = open_source(input_path, limit=max_frames)  # fails fast, before torch loads
+
+    from dino_vos.api import propagate_to_folder
+    from dino_vos.predictor import read_annotation
+
     first_mask = read_annotation(mask, source)
     features = build_features(spec)
     with progress_bar("frames") as progress:
