@@ -46,13 +46,16 @@ def propagate_to_folder(
     on_start: Callable[[int], None] | None = None,
     on_frame: Callable[[FrameResult], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> PropagationSummary:
     """Segment every frame of ``source`` from the first frame's ``mask``; write PNGs to ``out_dir``.
 
     The :class:`~dino_vos.predictor.VideoPropagator` writes through an
     :class:`~dino_vos.writers.OutputSink`: outputs appear only when the run completes, with a
-    ``dino-vos.json`` manifest last. ``on_start`` receives the frame count and ``on_frame``
-    every :class:`FrameResult` (for progress bars).
+    ``dino-vos.json`` manifest last; ``out_dir`` and ``overlay`` follow the rules of
+    :mod:`dino_vos.outputs` (``overwrite`` allows a non-empty folder that is not a dino-vos
+    result). ``on_start`` receives the frame count and ``on_frame`` every :class:`FrameResult`
+    (for progress bars).
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
     first_mask = read_annotation(mask, frames)
@@ -60,7 +63,8 @@ def propagate_to_folder(
     state = predictor.init_state(frames)
     predictor.add_mask(state, 0, first_mask)
     object_ids: tuple[int, ...] = ()
-    with OutputSink(out_dir, overlay, frames.fps) as sink:
+    inputs = [frames.path, *([mask] if isinstance(mask, (str, Path)) else [])]
+    with OutputSink(out_dir, overlay, frames.fps, overwrite, inputs) as sink:
         if on_start is not None:
             on_start(len(frames))
         start = time.perf_counter()

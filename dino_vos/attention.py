@@ -288,6 +288,7 @@ def export_attention(
     overlay: str | Path | None = None,
     batch_size: int = 1,
     on_frame: Callable[[Frame], None] | None = None,
+    overwrite: bool = False,
 ) -> AttentionSummary:
     """Attention maps of every frame of ``source`` written under ``out_dir``; manifest last.
 
@@ -301,7 +302,7 @@ def export_attention(
     backbone = features.backbone
     _last_block(backbone)
     names: list[str] = []
-    with OutputSink(out_dir, overlay, source.fps) as run:
+    with OutputSink(out_dir, overlay, source.fps, overwrite, [source.path]) as run:
         writer = AttentionWriter(run, threshold, save_raw, save_montage, colormap, interpolation)
         start = time.perf_counter()
         for batch_frames, batch in iter_batches(source, features, batch_size):

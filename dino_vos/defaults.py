@@ -10,6 +10,8 @@ from __future__ import annotations
 DEMO_FRAMES = 24
 DEMO_SIZE = (240, 352)
 DEMO_OBJECTS = 4
+#: What ``dino-vos demo`` writes into its --out folder.
+DEMO_OUTPUTS = frozenset({"clip", "masks", "overlay.mp4"})
 
 #: Attention masks keep this fraction of each map's mass (DINO's visualisation default).
 ATTENTION_THRESHOLD = 0.6

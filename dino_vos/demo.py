@@ -53,6 +53,7 @@ def run_demo(
     on_start=None,
     on_frame=None,
     metadata: dict | None = None,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Propagate a generated clip (or ``video`` with its first ``mask``) into ``out_dir``.
 
@@ -77,6 +78,7 @@ def run_demo(
         on_start=on_start,
         on_frame=on_frame,
         metadata=metadata,
+        overwrite=overwrite,
     )
     if clip_dir is None:
         return DemoResult(summary, None, None, None)

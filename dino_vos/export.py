@@ -298,6 +298,7 @@ def export_features(
     layout: Layout = "frames",
     batch_size: int = 1,
     on_frame: Callable[[Frame], None] | None = None,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Write the features of every frame of ``source`` under ``out_dir``; manifest last."""
     if layout not in ("frames", "video"):
@@ -307,7 +308,7 @@ def export_features(
     stream = None
     names: list[str] = []
     start = time.perf_counter()
-    with OutputSink(out_dir) as output:
+    with OutputSink(out_dir, overwrite=overwrite, inputs=[source.path]) as output:
         if layout == "video":
             specs = _video_specs(exporter, len(source), metadata["grid"])
             stream = StreamingSafetensors(output.path(VIDEO_FILE), specs, header)

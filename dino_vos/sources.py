@@ -100,6 +100,14 @@ class FolderSource:
                 "frames or a video file"
             )
         files.sort(key=lambda p: natural_key(p.name))
+        by_stem: dict[str, Path] = {}
+        for file in files:
+            if file.stem in by_stem:
+                raise InputError(
+                    f"two frames named {file.stem} in {self.path}: {by_stem[file.stem].name} and "
+                    f"{file.name} (outputs are named by the frame's stem): keep one of them"
+                )
+            by_stem[file.stem] = file
         self.files = files[:limit] if limit else files
         self.fps = float(fps or DEFAULT_FOLDER_FPS)
         self._size: tuple[int, int] | None = None

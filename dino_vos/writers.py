@@ -2,16 +2,17 @@
 
 Everything is first written into a hidden staging folder inside the output folder and moved
 into place only when the whole run succeeded, followed by a ``dino-vos.json`` manifest; an
-interrupted run therefore never leaves a set of outputs that looks finished.
+interrupted run therefore never leaves a set of outputs that looks finished (the output rules
+are in :mod:`dino_vos.outputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,46 +22,55 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from dino_vos.atomic import atomic_write_json
+from dino_vos.console import console
 from dino_vos.errors import InputError
 from dino_vos.masks import atomic_write_bytes, davis_palette, encode_indexed_png
+from dino_vos.outputs import (
+    BACKUP_NAME,
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    STAGING_NAME,
+    check_outputs,
+    is_result_folder,
+    listed_outputs,
+    read_manifest,
+    remove_stale_staging,
+)
 
-MANIFEST_NAME = "dino-vos.json"
-STAGING_NAME = ".dino-vos-partial"
 ProbsFormat = Literal["npz", "safetensors"]
 
 
 def is_complete(out_dir: str | Path) -> bool:
     """True when ``out_dir`` holds the manifest of a finished run."""
-    return (Path(out_dir) / MANIFEST_NAME).is_file()
-
-
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / MANIFEST_NAME).read_text())
-
-
-OVERLAY_SUFFIXES = (".mp4", ".avi", ".mov")
+    return is_result_folder(out_dir)
 
 
 class OutputSink:
     """Where every command's results go: a staged output folder plus an optional overlay video.
 
-    Files are written into a hidden staging folder inside ``out_dir`` and moved into place by
-    :meth:`commit`, which writes the manifest last; used as a context manager, an exception (or
-    Ctrl-C) inside the block discards everything, overlay included. Propagation, attention and
-    feature export all write through it.
+    Files are written into a hidden staging folder inside ``out_dir``; :meth:`commit` swaps them
+    in and writes the manifest (which lists them under ``outputs``) last. The folder is always
+    either the previous complete result or the new one: the previous result's files move to a
+    backup first and come back if anything fails, and an interrupted commit is undone by the
+    next run (:func:`dino_vos.outputs.remove_stale_staging`). Files that dino-vos did not write
+    are never replaced, and a non-empty folder that is not a dino-vos result is refused unless
+    ``overwrite``. Used as a context manager, an exception (or Ctrl-C) inside the block discards
+    everything staged. Propagation, attention and feature export all write through it.
     """
 
     def __init__(
-        self, out_dir: str | Path, overlay: str | Path | None = None, fps: float = 25.0
+        self,
+        out_dir: str | Path,
+        overlay: str | Path | None = None,
+        fps: float = 25.0,
+        overwrite: bool = False,
+        inputs: Sequence[str | Path] = (),
     ) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise InputError(f"output path {self.out_dir} is a file: give a folder for --out")
         self.overlay = Path(overlay) if overlay is not None else None
-        if self.overlay is not None and self.overlay.suffix.lower() not in OVERLAY_SUFFIXES:
-            raise InputError(f"overlay {self.overlay} must end in {', '.join(OVERLAY_SUFFIXES)}")
+        remove_stale_staging(self.out_dir, console.print)
+        check_outputs(self.out_dir, self.overlay, inputs, overwrite)
         self.staging = self.out_dir / STAGING_NAME
-        shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
         self.masks: list[str] = []
         self._staged_video = self.path(f"overlay{self.overlay.suffix}") if self.overlay else None
@@ -97,20 +107,59 @@ class OutputSink:
         if self._video is not None:
             self._video.close()
 
+    def _staged_files(self) -> list[str]:
+        return sorted(
+            path.relative_to(self.staging).as_posix()
+            for path in self.staging.rglob("*")
+            if path.is_file() and path != self._staged_video
+        )
+
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Move the overlay and the staged files into place, then write the manifest (last)."""
+        """Swap the staged files in (the previous result's files out), then write the manifest."""
         self._close_video()
-        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        if self._staged_video is not None and self.overlay is not None:
-            self.overlay.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self._staged_video), str(self.overlay))
-        for source in sorted(self.staging.rglob("*")):
-            if source.is_file():
-                target = self.out_dir / source.relative_to(self.staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
+        new_files = self._staged_files()
+        previous = read_manifest(self.out_dir)
+        # A manifest of an older dino-vos without a file list: its same-named files are ours.
+        ours = listed_outputs(previous) if "outputs" in previous else set(new_files)
+        if not previous:
+            ours = set()
+        foreign = [
+            name for name in new_files if (self.out_dir / name).exists() and name not in ours
+        ]
+        if foreign:
+            raise InputError(
+                f"{self.out_dir / foreign[0]} was not written by dino-vos and is not replaced: "
+                "choose an empty --out"
+            )
+        backup = self.out_dir / BACKUP_NAME
+        shutil.rmtree(backup, ignore_errors=True)
+        backup.mkdir()
+        atomic_write_json(backup / JOURNAL_NAME, new_files)
+        moved_out: list[str] = []
+        moved_in: list[str] = []
+        try:
+            for name in [MANIFEST_NAME, *sorted(ours)]:  # the manifest first: not finished now
+                if (self.out_dir / name).is_file():
+                    _move(self.out_dir / name, backup / name)
+                    moved_out.append(name)
+            for name in new_files:
+                _move(self.staging / name, self.out_dir / name)
+                moved_in.append(name)
+            if self._staged_video is not None and self.overlay is not None:
+                self.overlay.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self._staged_video), str(self.overlay))
+            atomic_write_json(self.out_dir / MANIFEST_NAME, {**manifest, "outputs": new_files})
+        except BaseException:
+            for name in moved_in:
+                with contextlib.suppress(OSError):
+                    (self.out_dir / name).unlink()
+            for name in moved_out:
+                with contextlib.suppress(OSError):
+                    _move(backup / name, self.out_dir / name)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
-        atomic_write_json(self.out_dir / MANIFEST_NAME, manifest)
+        _remove_empty_folders(self.out_dir, {name for name in ours if name not in new_files})
 
     def abort(self) -> None:
         """Discard everything staged; remove ``out_dir`` too if this left it empty."""
@@ -118,6 +167,20 @@ class OutputSink:
         shutil.rmtree(self.staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.out_dir.rmdir()  # only if it stayed empty
+
+
+def _move(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+
+
+def _remove_empty_folders(root: Path, removed: set[str]) -> None:
+    """Remove the folders that obsolete outputs left empty (never ``root`` itself)."""
+    for name in sorted(removed, key=lambda n: -n.count("/")):
+        folder = (root / name).parent
+        while folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def blend_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -71,6 +71,7 @@ class RunSettings:
     cache_dir: Path | None = None
     ignore_void: bool = False
     bound_th: float = BOUNDARY_THRESHOLD
+    overwrite: bool = False  # allow sequence folders that are not dino-vos results
 
 
 def score_sequence(
@@ -152,6 +153,7 @@ class SequenceEvaluator:
                 "weights": self.features.backbone.weights_id,
                 "sequence": sequence.name,
             },
+            overwrite=self.settings.overwrite,
         )
         delta = CacheStats()
         if self.cache is not None:

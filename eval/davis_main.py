@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dino_vos import __version__
+from dino_vos.atomic import atomic_write_json
 from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
 from dino_vos.errors import InputError
@@ -24,7 +25,18 @@ from dino_vos.eval.davis_report import (
 )
 from dino_vos.features import BackboneFeatures
 from dino_vos.masks import atomic_write_bytes
+from dino_vos.outputs import (
+    MANIFEST_NAME,
+    check_not_an_input,
+    check_out_dir,
+    check_writable,
+    listed_outputs,
+    read_manifest,
+)
 from dino_vos.spec import BackboneSpec, PropagationConfig
+
+#: The ``format`` of the manifest ``eval davis`` keeps in its report folder.
+RUN_FORMAT = "dino-vos-davis"
 
 
 @dataclass(frozen=True)
@@ -45,10 +57,69 @@ class DavisJob:
     workers: int = 1
     max_frames: int | None = None
     ignore_void: bool = False
+    overwrite: bool = False
 
     @property
     def scoring_only(self) -> bool:
         return self.results_dir is not None
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out_dir or self.results_dir  # type: ignore[return-value]
+
+    def run_key(self) -> dict[str, Any]:
+        """What determines the reports: a re-run with another key replaces them."""
+        return {
+            "split": self.split,
+            "year": self.year,
+            "resolution": self.resolution,
+            "sequences": list(self.sequences) if self.sequences else None,
+            "results_dir": str(self.results_dir) if self.results_dir else None,
+            "spec": asdict(self.spec) if self.spec else None,
+            "propagation": None if self.scoring_only else self.config.to_dict(),
+            "max_frames": self.max_frames,
+            "ignore_void": self.ignore_void,
+        }
+
+
+def is_davis_result(folder: Path) -> bool:
+    """A folder that an earlier ``eval davis`` wrote (its manifest says so)."""
+    return read_manifest(folder).get("format") == RUN_FORMAT
+
+
+def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
+    """Apply the output rules to the report folder and forget reports of other settings.
+
+    The folder gets a manifest at once (status ``running``), so an interrupted run is known as
+    dino-vos's own when it is resumed; reports left by a run with other settings are removed
+    (they are listed in its manifest) instead of lying beside the new masks.
+    """
+    out = job.report_dir
+    inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]  # every resolution
+    if job.scoring_only:  # the results folder holds the masks: only the reports are ours
+        check_not_an_input(out, inputs, "--out")
+        check_writable(out, "--out")
+        ours = listed_outputs(read_manifest(out)) if is_davis_result(out) else set()
+        reports = [path.name for path in output_paths(out, dataset.split).values()]
+        clashes = [name for name in reports if (out / name).exists() and name not in ours]
+        if clashes:
+            raise InputError(
+                f"{out / clashes[0]} was not written by dino-vos and is not replaced: pass "
+                "--out DIR for the reports"
+            )
+    else:
+        check_out_dir(out, inputs, job.overwrite, is_previous_result=is_davis_result)
+    if launch_env()[0] != 0:
+        return
+    previous = read_manifest(out) if is_davis_result(out) else {}
+    if previous and previous.get("run") != job.run_key():
+        for name in listed_outputs(previous):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": RUN_FORMAT, "status": "running", "run": job.run_key(), "outputs": []}
+    if previous.get("run") == job.run_key():
+        manifest["outputs"] = previous.get("outputs", [])
+    atomic_write_json(out / MANIFEST_NAME, manifest)
 
 
 def check_job(job: DavisJob, given: Sequence[str] = ()) -> None:
@@ -89,14 +160,16 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         require_frames=not job.scoring_only,
         max_frames=job.max_frames,
     )
+    prepare_report_dir(job, dataset)
     features = None if job.scoring_only else _load_features(job.spec)  # type: ignore[arg-type]
-    out_dir: Path = job.out_dir or job.results_dir  # type: ignore[assignment]
+    out_dir = job.report_dir
     settings = RunSettings(
         results_dir=job.results_dir or job.out_dir,  # type: ignore[arg-type]
         propagate=not job.scoring_only,
         config=job.config,
         cache_dir=job.cache_dir,
         ignore_void=job.ignore_void,
+        overwrite=job.overwrite,
     )
     frames = sum(len(s.annotations) for s in dataset)
     if job.sequences:
@@ -126,6 +199,11 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         return None
     payload = _payload(run, dataset, job, features, world)
     _write_outputs(out_dir, dataset.split, run, payload)
+    reports = [path.name for path in output_paths(out_dir, dataset.split).values()]
+    atomic_write_json(
+        out_dir / MANIFEST_NAME,
+        {"format": RUN_FORMAT, "status": "complete", "run": job.run_key(), "outputs": reports},
+    )
     return run
 
 

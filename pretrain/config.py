@@ -21,6 +21,19 @@ from dino_vos.atomic import atomic_write_text
 from dino_vos.errors import InputError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: What a run folder holds.
+CHECKPOINT_NAME = "checkpoint.pth"
+CONFIG_NAME = "config.yaml"
+LOG_NAME = "log.jsonl"
+TEACHER_EXPORT_NAME = "teacher_backbone.safetensors"
+INIT_EXPORT_NAME = "init_backbone.safetensors"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder that ``dino-vos pretrain`` wrote (it may be resumed or refused, not clobbered)."""
+    return any((folder / name).is_file() for name in (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME))
+
+
 SCALING_RULES = ("linear_wrt_256", "none")
 
 

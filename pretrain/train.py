@@ -41,17 +41,20 @@ from dino_vos.pretrain.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dino_vos.pretrain.config import PretrainConfig, load_config_file, save_config
+from dino_vos.pretrain.config import (
+    CONFIG_NAME,
+    INIT_EXPORT_NAME,
+    LOG_NAME,
+    TEACHER_EXPORT_NAME,
+    PretrainConfig,
+    load_config_file,
+    save_config,
+)
 from dino_vos.pretrain.data import EpochSampler, MultiCropDataset, collate_crops, scan_paths
 from dino_vos.pretrain.loss import DINOLoss
 from dino_vos.pretrain.model import MultiCropWrapper, build_student_teacher, update_teacher
 from dino_vos.pretrain.schedules import cosine_schedule, teacher_temp_schedule
 from dino_vos.spec import BackboneSpec
-
-LOG_NAME = "log.jsonl"
-CONFIG_NAME = "config.yaml"
-TEACHER_EXPORT_NAME = "teacher_backbone.safetensors"
-INIT_EXPORT_NAME = "init_backbone.safetensors"
 
 
 class TrainingDiverged(DinoVosError):

@@ -148,6 +148,7 @@ def test_failure_mid_run_leaves_nothing_that_looks_finished(clip_dir, tiny_weigh
             tiny_weights,
             "--overlay",
             tmp_path / "o.mp4",
+            "--overwrite",  # the folder holds a user's file: allowed, and it is kept
         )
     )
     _assert_clean_failure(result, out, "00004.jpg")

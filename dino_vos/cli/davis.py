@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dino_vos.cli.options import propagation_options, with_backbone_spec
+from dino_vos.cli.options import overwrite_option, propagation_options, with_backbone_spec
 from dino_vos.spec import BackboneSpec, PropagationConfig
 
 
@@ -66,6 +66,7 @@ from dino_vos.spec import BackboneSpec, PropagationConfig
     help="Exclude ground-truth 255 pixels from J and F (the official tool counts them as "
     "background).",
 )
+@overwrite_option
 @with_backbone_spec(seed=True)
 def davis(
     davis_root: Path,
@@ -80,6 +81,7 @@ def davis(
     workers: int,
     max_frames: int | None,
     ignore_void: bool,
+    overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
     """J&F of label propagation on a DAVIS split, scored like the official DAVIS 2017 tool.
@@ -116,6 +118,7 @@ def davis(
         workers=workers,
         max_frames=max_frames,
         ignore_void=ignore_void,
+        overwrite=overwrite,
     )
     check_job(job, given)
     run_davis(job)

@@ -12,10 +12,12 @@ from dino_vos.cli.options import (
     input_argument,
     max_frames_option,
     out_option,
+    overwrite_option,
     with_backbone_spec,
 )
 from dino_vos.console import console, progress_bar
 from dino_vos.defaults import ATTENTION_THRESHOLD, COLORMAPS
+from dino_vos.outputs import check_outputs
 from dino_vos.spec import BackboneSpec
 
 
@@ -68,6 +70,7 @@ def parse_layers(values: tuple[str, ...]) -> list[int] | None:
 )
 @batch_option
 @max_frames_option
+@overwrite_option
 @with_backbone_spec(seed=True)
 def attention(
     input_path: Path,
@@ -80,12 +83,14 @@ def attention(
     interpolation: str,
     batch_size: int,
     max_frames: int | None,
+    overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
     """Last-block CLS attention maps of INPUT (an image, a folder of frames or a video)."""
     from dino_vos.sources import open_source
 
     source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
+    check_outputs(out_dir, overlay, [input_path], overwrite)
 
     from dino_vos.attention import export_attention
 
@@ -104,6 +109,7 @@ def attention(
             overlay=overlay,
             batch_size=batch_size,
             on_frame=lambda _: progress.advance(task),
+            overwrite=overwrite,
         )
     extra = f", overlay {summary.overlay}" if summary.overlay else ""
     console.print(
@@ -134,6 +140,7 @@ def attention(
 )
 @batch_option
 @max_frames_option
+@overwrite_option
 @with_backbone_spec(seed=True)
 def features(
     input_path: Path,
@@ -145,6 +152,7 @@ def features(
     layout: str,
     batch_size: int,
     max_frames: int | None,
+    overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
     """Patch features (and CLS tokens) of INPUT (an image, a folder of frames or a video)."""
@@ -152,6 +160,7 @@ def features(
 
     block_indices = parse_layers(layers)
     source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
+    check_outputs(out_dir, None, [input_path], overwrite)
 
     from dino_vos.export import FeatureExporter, export_features
 
@@ -166,6 +175,7 @@ def features(
             layout=layout,  # type: ignore[arg-type]
             batch_size=batch_size,
             on_frame=lambda _: progress.advance(task),
+            overwrite=overwrite,
         )
     grid = summary.manifest["grid"]
     console.print(

@@ -222,6 +222,12 @@ out_option = click.option(
 max_frames_option = click.option(
     "--max-frames", type=click.IntRange(min=1), default=None, help="Only the first N frames."
 )
+overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Allow an --out folder that is not empty and not a dino-vos result; files that "
+    "dino-vos did not write are still never replaced.",
+)
 batch_option = click.option(
     "--batch-size",
     type=click.IntRange(min=1),

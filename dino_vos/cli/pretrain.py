@@ -7,9 +7,11 @@ from typing import Any
 
 import click
 
+from dino_vos.cli.options import overwrite_option
 from dino_vos.console import console
 from dino_vos.errors import InputError
-from dino_vos.pretrain.config import PRECISIONS, PRESETS, resolve_config
+from dino_vos.outputs import check_out_dir
+from dino_vos.pretrain.config import PRECISIONS, PRESETS, is_run_folder, resolve_config
 
 #: CLI flag -> config key.
 FLAG_KEYS = {
@@ -82,6 +84,7 @@ FLAG_KEYS = {
     help="Override any config key, e.g. --set optim.base_lr=1e-3 --set crops.local_number=6.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@overwrite_option
 @click.pass_context
 def pretrain(
     ctx: click.Context,
@@ -91,6 +94,7 @@ def pretrain(
     out_dir: Path | None,
     assignments: tuple[str, ...],
     resume: bool,
+    overwrite: bool,
     **flags: Any,
 ) -> None:
     """DINO self-distillation pretraining of a ViT (single process, torchrun or srun).
@@ -122,6 +126,7 @@ def pretrain(
         config = resolve_config(preset, config_file, overrides, assignments)
     if not config.data.paths:
         raise InputError("no training data: pass --data DIR")
+    check_out_dir(out_dir, config.data.paths, overwrite, is_previous_result=is_run_folder)
     train(config, out_dir, resume=resume)
 
 

@@ -12,13 +12,20 @@ from dino_vos.cli.options import (
     input_argument,
     max_frames_option,
     out_option,
+    overwrite_option,
     propagation_options,
     with_backbone_spec,
 )
 from dino_vos.console import console, progress_bar
-from dino_vos.defaults import DEMO_SIZE
+from dino_vos.defaults import DEMO_OUTPUTS, DEMO_SIZE
 from dino_vos.errors import DinoVosError
+from dino_vos.outputs import check_out_dir, check_outputs, foreign_entries, is_result_folder
 from dino_vos.spec import BackboneSpec, PropagationConfig
+
+
+def is_previous_demo(folder: Path) -> bool:
+    """A folder that an earlier ``dino-vos demo`` wrote (and may write again)."""
+    return is_result_folder(folder / "masks") and set(foreign_entries(folder)) <= DEMO_OUTPUTS
 
 
 def _run_metadata(features: Any) -> dict[str, Any]:
@@ -53,6 +60,7 @@ def _run_metadata(features: Any) -> dict[str, Any]:
     help="Also save soft label maps per frame (float16) under OUT/probs/.",
 )
 @max_frames_option
+@overwrite_option
 @with_backbone_spec
 def propagate(
     input_path: Path,
@@ -62,6 +70,7 @@ def propagate(
     overlay: Path | None,
     save_probs: str | None,
     max_frames: int | None,
+    overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
     """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
@@ -73,6 +82,8 @@ def propagate(
     from dino_vos.predictor import read_annotation
 
     first_mask = read_annotation(mask, source)
+    check_outputs(out_dir, overlay, [input_path, mask], overwrite)
+    console.print(f"Propagating {mask} through {len(source)} frames of {input_path} into {out_dir}")
     features = build_features(spec)
     with progress_bar("frames") as progress:
         task = progress.add_task("Propagating", total=len(source))
@@ -86,6 +97,7 @@ def propagate(
             save_probs=save_probs,  # type: ignore[arg-type]
             on_frame=lambda _: progress.advance(task),
             metadata=_run_metadata(features),
+            overwrite=overwrite,
         )
     objects = len(summary.object_ids) - 1
     extra = f", overlay {summary.overlay}" if summary.overlay else ""
@@ -126,6 +138,7 @@ def propagate(
     help="Generated clip: objects close in colour to a grainy background (grass), where trained "
     "features matter, or saturated objects on grey (colour), easy for any backbone.",
 )
+@overwrite_option
 @with_backbone_spec(short_side=DEMO_SIZE[0])
 def demo(
     out_dir: Path,
@@ -133,6 +146,7 @@ def demo(
     mask: Path | None,
     seed: int,
     clip_style: str,
+    overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
     """Run the main job offline: propagate a generated clip (or --video/--mask) and score it."""
@@ -152,6 +166,12 @@ def demo(
 
         source = open_source(video)
         first_mask = read_annotation(mask, source)
+    check_out_dir(
+        out_dir,
+        [path for path in (video, mask) if path is not None],
+        overwrite,
+        is_previous_result=is_previous_demo,
+    )
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
     if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
         spec = replace(spec, name=SHIPPED_BACKBONE)
@@ -168,6 +188,7 @@ def demo(
             on_start=lambda total: progress.update(task, total=total),
             on_frame=lambda _: progress.advance(task),
             metadata=_run_metadata(features),
+            overwrite=overwrite,
         )
     summary = result.summary
     console.print(
