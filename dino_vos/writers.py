@@ -156,6 +156,7 @@ class OutputSink:
             for name in moved_out:
                 with contextlib.suppress(OSError):
                     _move(backup / name, self.out_dir / name)
+            shutil.rmtree(backup, ignore_errors=True)
             raise
         shutil.rmtree(backup, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -46,6 +46,11 @@ class DinoVosGroup(LazyGroup):
         except DinoVosError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # a full disk, a folder that became unwritable ...
+            where = f" ({exc.filename})" if exc.filename else ""
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            click.echo(f"Error: cannot read or write a file{where}: {reason}", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("Interrupted: partial outputs were discarded.", err=True)
             ctx.exit(130)
