@@ -1,4 +1,4 @@
-from dino_vos.cli import main
+from dino_vos.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

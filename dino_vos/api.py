@@ -12,7 +12,8 @@ import numpy as np
 
 from dino_vos import __version__
 from dino_vos.features import FeatureExtractor
-from dino_vos.predictor import FrameResult, VideoPropagator, read_annotation
+from dino_vos.masks import read_annotation
+from dino_vos.predictor import FrameResult, VideoPropagator
 from dino_vos.sources import FrameSource, open_source
 from dino_vos.spec import PropagationConfig
 from dino_vos.writers import OutputSink, ProbsFormat, blend_overlay, encode_probabilities

@@ -7,6 +7,9 @@ checkpoint can never run code. dino-vos writes plain dicts of tensors and builti
 from __future__ import annotations
 
 import json
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,17 +42,49 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
                 f"cannot read safetensors file {path}: {exc}; re-export the weights"
             ) from exc
         return tensors, metadata
-    try:
-        content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not _looks_like_torch_file(path):
         raise BackboneError(
-            f"cannot read checkpoint {path}: {reason[:200]}; expected a DINO .pth, a dino-vos "
-            "checkpoint or a .safetensors file saved as plain tensors"
-        ) from exc
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle): give a "
+            "DINO .pth, a dino-vos checkpoint or a .safetensors file"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            content = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        forbidden = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if forbidden:
+            raise BackboneError(
+                f"checkpoint {path} needs the Python object {forbidden.group(1)} to load, which "
+                "could run code: refused (dino-vos loads plain tensors; re-save the weights as "
+                "a state dict or .safetensors)"
+            ) from None
+        raise BackboneError(
+            f"cannot read checkpoint {path}: {_load_error(exc)} (damaged or truncated?); expected "
+            "a DINO .pth, a dino-vos checkpoint or a .safetensors file saved as plain tensors"
+        ) from None
     if not isinstance(content, Mapping):
         raise BackboneError(f"checkpoint {path} holds a {type(content).__name__}, not a dict")
     return dict(content), {}
+
+
+def _load_error(exc: Exception) -> str:
+    """The cause in torch's load error, without its advice to turn the safety off."""
+    text = str(exc).strip()
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    if unpickler:
+        return unpickler.group(1).splitlines()[0][:200]
+    if "weights_only" in text:
+        return "not a plain-tensor checkpoint"
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle stream (older files)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as handle:
+        return handle.read(1) == b"\x80"  # the PROTO opcode that starts a pickle
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def window_mask(height: int, width: int, radius: int) -> torch.Tensor:
-    """(N, N) mask: 1 where the source lies in the target's square window (radius <= 0: all)."""
-    if radius <= 0:
+def window_mask(height: int, width: int, radius: int | None) -> torch.Tensor:
+    """(N, N) mask: 1 where the source lies in the target's square window (None: all)."""
+    if radius is None:
         return torch.ones(height * width, height * width)
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
@@ -27,7 +27,7 @@ def dense_propagate(
     keys: torch.Tensor,
     labels: torch.Tensor,
     topk: int = 5,
-    radius: int = 12,
+    radius: int | None = 12,
     temperature: float = 0.1,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:

@@ -6,13 +6,18 @@ import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from dino_vos.atomic import atomic_write_bytes
 from dino_vos.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dino_vos.sources import FrameSource
 
 VOID_LABEL = 255
 
@@ -32,6 +37,10 @@ def davis_palette() -> np.ndarray:
     return palette
 
 
+#: Image formats whose compression changes pixel values (and so object ids).
+LOSSY_FORMATS = frozenset({"JPEG", "MPO"})
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """Read an annotation PNG as (H, W) uint8 object ids (0 background, 255 void).
 
@@ -44,10 +53,15 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            mode = image.mode
+            mode, file_format = image.mode, image.format
             array = np.array(image)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read mask {path}: the file is corrupt or not an image") from exc
+    if file_format in LOSSY_FORMATS:
+        raise InputError(
+            f"mask {path} is a {file_format} image: lossy compression invents object ids along "
+            "every edge; save the annotation as a PNG of object ids"
+        )
     if mode in ("RGB", "RGBA"):
         rgb = array[..., :3]
         if not (
@@ -103,6 +117,8 @@ class ObjectIds:
 
     def one_hot(self, mask: np.ndarray) -> torch.Tensor:
         """(C, H, W) float one-hot label map; void pixels get an all-zero vector."""
+        import torch  # here only: reading and checking masks needs no torch
+
         channels = torch.from_numpy(self.to_channels(mask))
         onehot = torch.zeros(self.num_channels, *channels.shape, dtype=torch.float32)
         valid = channels >= 0
@@ -130,3 +146,31 @@ def encode_indexed_png(labels: np.ndarray) -> bytes:
 def write_indexed_png(path: str | Path, labels: np.ndarray) -> None:
     """Atomically write an indexed PNG (DAVIS palette) whose pixel values are the labels."""
     atomic_write_bytes(path, encode_indexed_png(labels))
+
+
+def check_mask_size(mask: np.ndarray, source: FrameSource, frame_index: int = 0) -> None:
+    """Refuse a mask whose size differs from the frames of ``source``."""
+    if mask.shape != tuple(source.frame_size):
+        h, w = source.frame_size
+        raise InputError(
+            f"mask is {mask.shape[1]}x{mask.shape[0]} but frame {frame_index} of {source.path} is "
+            f"{w}x{h}: give the annotation of this video's frame {frame_index}"
+        )
+
+
+def read_annotation(
+    mask: str | Path | np.ndarray, source: FrameSource, frame_index: int = 0
+) -> np.ndarray:
+    """A mask (PNG path or label array) checked against the frame size of ``source``."""
+    array = read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)
+    check_mask_size(array, source, frame_index)
+    return array
+
+
+def require_objects(mask: np.ndarray, name: str | Path) -> None:
+    """Refuse an annotation without any object id (only background 0 and void 255)."""
+    if not np.any((mask > 0) & (mask < VOID_LABEL)):
+        raise InputError(
+            f"mask {name} has no object (only background and void): nothing to propagate; "
+            "give an annotation with object ids 1..254"
+        )

@@ -25,7 +25,7 @@ import torch
 
 from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor
-from dino_vos.masks import ObjectIds, read_mask, resize_labels
+from dino_vos.masks import ObjectIds, check_mask_size, resize_labels
 from dino_vos.propagation import LabelPropagator, labels_from_soft
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import PropagationConfig
@@ -62,25 +62,6 @@ class PropagationState:
     @property
     def frame_size(self) -> tuple[int, int]:
         return tuple(self.source.frame_size)  # type: ignore[return-value]
-
-
-def check_mask_size(mask: np.ndarray, source: FrameSource, frame_index: int = 0) -> None:
-    """Refuse a mask whose size differs from the frames of ``source``."""
-    if mask.shape != tuple(source.frame_size):
-        h, w = source.frame_size
-        raise InputError(
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but frame {frame_index} of {source.path} is "
-            f"{w}x{h}: give the annotation of this video's frame {frame_index}"
-        )
-
-
-def read_annotation(
-    mask: str | Path | np.ndarray, source: FrameSource, frame_index: int = 0
-) -> np.ndarray:
-    """A mask (PNG path or label array) checked against the frame size of ``source``."""
-    array = read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)
-    check_mask_size(array, source, frame_index)
-    return array
 
 
 class VideoPropagator:

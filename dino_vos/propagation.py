@@ -30,7 +30,7 @@ class _Geometry:
     @classmethod
     def create(cls, height: int, width: int, config: PropagationConfig) -> _Geometry:
         longest = max(height, width)
-        radius = min(config.radius if config.radius > 0 else longest, longest)
+        radius = min(config.radius if config.radius is not None else longest, longest)
         return cls(height, width, min(config.tile, longest), radius)
 
     @property

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import cv2
 import numpy as np
+
+# Decoders report problems through our one-line errors, not through their own log lines.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+import cv2  # noqa: E402
 
 from dino_vos.errors import InputError
 
@@ -159,10 +167,15 @@ class DecordVideoSource(_VideoFile):
         import decord
 
         self.path = Path(path)
-        try:
-            self._reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=1)
-        except Exception as exc:  # noqa: BLE001 - decord raises its own DECORDError
-            raise InputError(f"cannot decode video {self.path}: {_first_line(exc)}") from exc
+        with captured_stderr() as log:  # decord prints its reason instead of raising it
+            try:
+                reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=1)
+            except Exception as exc:  # noqa: BLE001 - decord raises its own DECORDError
+                reader, error = None, exc
+        if reader is None:
+            reason = _first_line(RuntimeError("\n".join([*log, str(error)])))
+            raise InputError(f"cannot decode video {self.path}: {reason}") from None
+        self._reader = reader
         count = len(self._reader)
         if count == 0:
             raise InputError(f"video {self.path} has no frames")
@@ -242,8 +255,30 @@ class ImageSource(FolderSource):
         self._size = None
 
 
+@contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """Collect what native code writes to file descriptor 2 (it bypasses ``sys.stderr``)."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())
+
+
 def _first_line(exc: BaseException) -> str:
+    """The decoder's reason, without its log prefixes (``[time] file.cc:83: ERROR opening: ..``)."""
     text = str(exc).strip()
+    cause = re.search(r"ERROR [^:]*: [^,]*, (.+)", text)
+    if cause:
+        return cause.group(1).splitlines()[0][:200]
+    text = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", text)
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 

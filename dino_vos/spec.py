@@ -7,6 +7,7 @@ needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#fra
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -73,7 +74,7 @@ class PropagationConfig:
 
     topk: int = 5
     context: int = 7  # number of most recent frames besides the first one
-    radius: int = 12  # square window half-size in patches; <= 0 means no window
+    radius: int | None = 12  # square window half-size in patches; None: the whole frame
     temperature: float = 0.1
     tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
     max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
@@ -83,12 +84,14 @@ class PropagationConfig:
             raise ValueError("topk must be at least 1")
         if self.context < 0:
             raise ValueError("context must be 0 or more")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError("temperature must be a positive, finite number")
+        if self.radius is not None and self.radius < 0:
+            raise ValueError("radius must be 0 or more (None: the whole frame)")
         if self.tile < 1:
             raise ValueError("tile must be at least 1")
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
 

@@ -109,6 +109,9 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
             )
     else:
         check_out_dir(out, inputs, job.overwrite, is_previous_result=is_davis_result)
+    if job.cache_dir is not None:
+        check_not_an_input(job.cache_dir, inputs, "--cache")
+        check_writable(job.cache_dir, "--cache")
     if launch_env()[0] != 0:
         return
     previous = read_manifest(out) if is_davis_result(out) else {}
@@ -161,7 +164,6 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         max_frames=job.max_frames,
     )
     prepare_report_dir(job, dataset)
-    features = None if job.scoring_only else _load_features(job.spec)  # type: ignore[arg-type]
     out_dir = job.report_dir
     settings = RunSettings(
         results_dir=job.results_dir or job.out_dir,  # type: ignore[arg-type]
@@ -182,6 +184,7 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         f"DAVIS {job.split}: {len(dataset)} sequences, {frames} frames ({source})"
         + (f", rank {rank} of {world}" if world > 1 else "")
     )
+    features = None if job.scoring_only else _load_features(job.spec)  # type: ignore[arg-type]
     shard_frames = sum(len(s.annotations) for s in shard_sequences(dataset.sequences, rank, world))
     with progress_bar("frames") as progress:
         task = progress.add_task(

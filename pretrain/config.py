@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -181,6 +182,27 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(f"invalid pretraining config: {message} (fix it with --set)")
+        for key, value in _float_values(self):
+            if not math.isfinite(value):
+                raise InputError(
+                    f"invalid pretraining config: {key} is {value}, not a finite number "
+                    "(fix it with --set)"
+                )
+
+
+def _float_values(config: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float in a nested config dataclass, with its dotted key (lists included)."""
+    found: list[tuple[str, float]] = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        key = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            found += _float_values(value, f"{key}.")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, (list, tuple)):
+            found += [(key, v) for v in value if isinstance(v, float)]
+    return found
 
 
 def _vit_kwargs(patch: int, img_size: int, **extra: Any) -> dict[str, Any]:

@@ -489,7 +489,13 @@ class _Trainer:
                 for crops, bad in self.loader:
                     values = self.schedules.at(self.epoch * per_epoch + self.epoch_step, self.epoch)
                     metrics = self._train_step(crops, values)
-                    skipped += int(distributed.all_reduce_sum(torch.tensor(bad)).item())
+                    newly = int(distributed.all_reduce_sum(torch.tensor(bad)).item())
+                    if newly:
+                        skipped += newly
+                        self._note(
+                            f"skipped {newly} unreadable file{'s' * (newly != 1)} at step "
+                            f"{self.step} ({skipped} so far; the count is in the log)"
+                        )
                     self.step += 1
                     self.epoch_step += 1
                     last_loss = metrics[0]

@@ -154,12 +154,17 @@ def test_errors_are_clear(tmp_path, monkeypatch):
         load_backbone("resnet18", pretrained=False)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with raises(BackboneError, match="cannot read checkpoint"):
+    with raises(BackboneError, match="is not a PyTorch checkpoint"):
         load_backbone(None, weights=garbage)
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # arbitrary objects are refused
-    with raises(BackboneError, match="cannot read checkpoint"):
+    with raises(BackboneError, match=r"needs the Python object torch\.nn\.modules\.linear\.Linear"):
         load_backbone(None, weights=pickled)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(b"\x80\x02garbage")
+    with raises(BackboneError, match="cannot read checkpoint .*: Unsupported operand") as error:
+        load_backbone(None, weights=truncated)
+    assert "weights_only" not in str(error.value)  # no advice to turn the safety off
     with raises(BackboneError, match="weights file not found"):
         load_backbone(None, weights=tmp_path / "missing.pth")
     mismatched = tmp_path / "mismatched.pth"

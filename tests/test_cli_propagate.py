@@ -126,7 +126,7 @@ def test_bad_inputs_exit_2_with_one_clear_line(clip_dir, tiny_weights, tmp_path)
     bad_ckpt.write_bytes(b"garbage")
     unknown = ["propagate", frames, "--mask", mask, "--out", out, "--backbone", "vit_nonexistent"]
     model_cases = [
-        (_propagate_args(frames, mask, out, bad_ckpt), "cannot read checkpoint"),
+        (_propagate_args(frames, mask, out, bad_ckpt), "is not a PyTorch checkpoint"),
         (unknown, "unknown backbone"),
     ]
     for args, message in model_cases:

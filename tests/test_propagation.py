@@ -30,7 +30,8 @@ def _random_case(height, width, frames, classes, dim=24, seed=0):
     [
         (7, 9, 1, 2, 5, 2, 3),
         (12, 17, 4, 3, 5, 3, 4),
-        (20, 13, 3, 4, 3, 0, 5),  # radius 0: no window
+        (20, 13, 3, 4, 3, None, 5),  # no window
+        (11, 9, 3, 2, 2, 0, 4),  # radius 0: the same position only
         (10, 10, 8, 2, 1, 12, 8),  # window larger than the grid
         (16, 24, 3, 5, 10, 5, 7),
         (5, 31, 2, 3, 5, 1, 12),  # tile larger than one side

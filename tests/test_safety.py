@@ -252,3 +252,34 @@ def test_eval_davis_rerun_with_other_settings_drops_old_reports(tmp_path, tiny_w
     assert resumed.exit_code == 0, resumed.output
     assert (out / "global_results-val.csv").is_file()
     assert read_mask(out / "alpha" / "00004.png").shape == (48, 80)
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "code", "word"), [(15, 143, "Terminated"), (2, 130, "Interrupted")]
+)
+def test_sigterm_and_sigint_discard_the_staged_run(
+    tmp_path, tiny_weights, signal_number, code, word
+):
+    import subprocess
+    import sys
+    import time
+
+    from dino_vos.synthetic import make_clip
+
+    clip = make_clip(400, (48, 64), num_objects=1, seed=4)
+    frames, masks = clip.write(tmp_path / "clip")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dino_vos", "propagate", str(frames), "--mask",
+               str(masks / "00000.png"), "--out", str(out), "--weights", str(tiny_weights),
+               "--short-side", "64", "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / STAGING_NAME).glob("*.png")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"{word}: partial outputs were discarded."
+    assert not out.exists()  # the staging folder went, and the folder it created too

@@ -8,12 +8,31 @@ its inputs were checked, so ``--help`` and typos answer at once.
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
 from typing import Any
 
 import click
 
 from dino_vos import __version__
 from dino_vos.errors import DinoVosError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by SLURM, docker, systemd): handled like Ctrl-C, exit code 143."""
+
+
+def _exit_code(exc: BaseException) -> int:
+    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 128 + signal.SIGINT
+
+
+def _say_interrupted(exc: BaseException) -> None:
+    what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+    click.echo(f"{what}: partial outputs were discarded.", err=True)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 class LazyGroup(click.Group):
@@ -51,9 +70,9 @@ class DinoVosGroup(LazyGroup):
             reason = exc.strerror or str(exc) or type(exc).__name__
             click.echo(f"Error: cannot read or write a file{where}: {reason}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: partial outputs were discarded.", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            _say_interrupted(exc)
+            ctx.exit(_exit_code(exc))
 
 
 @click.group(
@@ -71,3 +90,14 @@ class DinoVosGroup(LazyGroup):
 @click.version_option(__version__, prog_name="dino-vos")
 def main() -> None:
     """Video object segmentation with self-supervised DINO Vision Transformers."""
+
+
+def run() -> None:
+    """The ``dino-vos`` console script: SIGTERM is handled like Ctrl-C (staged outputs removed,
+    one line, exit 143), and an interrupt outside a command (while parsing) is one line too."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main(prog_name="dino-vos")
+    except KeyboardInterrupt as exc:
+        _say_interrupted(exc)
+        sys.exit(_exit_code(exc))

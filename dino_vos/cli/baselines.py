@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from dino_vos.cli.options import build_backbone, with_backbone_spec
+from dino_vos.cli.options import FiniteFloat, build_backbone, with_backbone_spec
 from dino_vos.console import console
 from dino_vos.defaults import IMAGE_SIZE, KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.spec import BackboneSpec
@@ -123,13 +123,13 @@ def _accuracy_table(title: str, columns: list[str], rows: list[list[Any]]) -> An
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=KNN_TEMPERATURE,
     show_default=True,
 )
 @click.option(
     "--memory-budget-mb",
-    type=click.FloatRange(min=1),
+    type=FiniteFloat(min=1),
     default=KNN_MEMORY_BUDGET_MB,
     show_default=True,
     help="Largest similarity chunk (val x train) held at once.",
@@ -154,7 +154,7 @@ def knn(run: Any, ks: tuple[int, ...], temperature: float, memory_budget_mb: flo
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=0.001,
     show_default=True,
     help="Base learning rate per 256 images (scaled by the global batch size / 256).",
@@ -207,27 +207,27 @@ def linear(
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=1e-3,
     show_default=True,
     help="AdamW learning rate of the new head.",
 )
 @click.option(
     "--backbone-lr-scale",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=0.1,
     show_default=True,
     help="Backbone learning rate = lr * this.",
 )
 @click.option(
     "--layer-decay",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=FiniteFloat(min=0, max=1, min_open=True),
     default=1.0,
     show_default=True,
     help="Layer-wise lr decay per block from the top (1: off).",
 )
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, show_default=True)
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.05, show_default=True)
+@click.option("--warmup-epochs", type=FiniteFloat(min=0), default=1.0, show_default=True)
 @click.option(
     "--linear/--no-linear",
     "compare_linear",

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dino_vos.cli.options import (
+    FiniteFloat,
     batch_option,
     build_features,
     input_argument,
@@ -41,7 +42,7 @@ def parse_layers(values: tuple[str, ...]) -> list[int] | None:
 @out_option
 @click.option(
     "--threshold",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=FiniteFloat(min=0, max=1, min_open=True),
     is_flag=False,
     flag_value=ATTENTION_THRESHOLD,
     default=None,
@@ -91,6 +92,7 @@ def attention(
 
     source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
     check_outputs(out_dir, overlay, [input_path], overwrite)
+    console.print(f"Attention maps of {len(source)} frames of {input_path} into {out_dir}")
 
     from dino_vos.attention import export_attention
 
@@ -161,6 +163,7 @@ def features(
     block_indices = parse_layers(layers)
     source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
     check_outputs(out_dir, None, [input_path], overwrite)
+    console.print(f"Features of {len(source)} frames of {input_path} into {out_dir}")
 
     from dino_vos.export import FeatureExporter, export_features
 

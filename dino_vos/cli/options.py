@@ -8,6 +8,7 @@ after its inputs were checked.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,35 @@ if TYPE_CHECKING:
 
 _BACKBONE_KEYS = ("backbone", "weights", "checkpoint_key", "random_init", "pos_embed", "device")
 _PROPAGATION_DEFAULTS = PropagationConfig()
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (``float("nan")`` passes every comparison)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class Radius(click.ParamType):
+    """A window radius in patches (0 or more), or ``none`` for the whole frame."""
+
+    name = "radius"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        try:
+            radius = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a radius: give a whole number >= 0 or none", param, ctx)
+        if radius < 0:
+            self.fail(f"{radius} is negative: give a radius >= 0, or none for the whole frame")
+        return radius
 
 
 def _apply(func: Callable, options: list[Callable]) -> Callable:
@@ -199,14 +229,14 @@ def propagation_options(func: Callable) -> Callable:
             ),
             click.option(
                 "--radius",
-                type=int,
-                default=_PROPAGATION_DEFAULTS.radius,
+                type=Radius(),
+                default=str(_PROPAGATION_DEFAULTS.radius),
                 show_default=True,
-                help="Square window half-size in patches (0: whole frame).",
+                help="Square window half-size in patches; none: the whole frame.",
             ),
             click.option(
                 "--temperature",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloat(min=0, min_open=True),
                 default=_PROPAGATION_DEFAULTS.temperature,
                 show_default=True,
                 help="Softmax temperature of the affinities.",

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dino_vos.cli.options import overwrite_option
+from dino_vos.cli.options import FiniteFloat, overwrite_option
 from dino_vos.console import console
 from dino_vos.errors import InputError
 from dino_vos.outputs import check_out_dir
@@ -55,7 +55,7 @@ FLAG_KEYS = {
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Per process.")
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=None,
     help="Base learning rate per 256 images (scaled by the global batch).",
 )
@@ -69,7 +69,7 @@ FLAG_KEYS = {
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--max-minutes",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=None,
     help="Stop (with a checkpoint) after this wall time.",
 )

@@ -74,15 +74,16 @@ def propagate(
     spec: BackboneSpec,
 ) -> None:
     """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
+    from dino_vos.masks import read_annotation, require_objects
     from dino_vos.sources import open_source
 
-    source = open_source(input_path, limit=max_frames)  # fails fast, before torch loads
+    source = open_source(input_path, limit=max_frames)  # input checks first, without torch
+    first_mask = read_annotation(mask, source)
+    require_objects(first_mask, mask)
+    check_outputs(out_dir, overlay, [input_path, mask], overwrite)
 
     from dino_vos.api import propagate_to_folder
-    from dino_vos.predictor import read_annotation
 
-    first_mask = read_annotation(mask, source)
-    check_outputs(out_dir, overlay, [input_path, mask], overwrite)
     console.print(f"Propagating {mask} through {len(source)} frames of {input_path} into {out_dir}")
     features = build_features(spec)
     with progress_bar("frames") as progress:
@@ -161,11 +162,12 @@ def demo(
         raise DinoVosError("give --video and --mask together (or neither for the generated clip)")
     source, first_mask = None, None
     if video is not None and mask is not None:  # check the user's clip before loading a model
-        from dino_vos.predictor import read_annotation
+        from dino_vos.masks import read_annotation, require_objects
         from dino_vos.sources import open_source
 
         source = open_source(video)
         first_mask = read_annotation(mask, source)
+        require_objects(first_mask, mask)
     check_out_dir(
         out_dir,
         [path for path in (video, mask) if path is not None],
