@@ -283,3 +283,31 @@ def test_sigterm_and_sigint_discard_the_staged_run(
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == f"{word}: partial outputs were discarded."
     assert not out.exists()  # the staging folder went, and the folder it created too
+
+
+def test_every_command_keeps_its_output_away_from_its_inputs(user_data, tiny_weights, tmp_path):
+    frames, mask = user_data["frames"], user_data["masks"] / "00000.png"
+    video = user_data["root"] / "clip.mp4"
+    before = snapshot(user_data["root"])
+    weights = ["--weights", str(tiny_weights), "--short-side", "64", "--device", "cpu"]
+    cases = [
+        (["attention", str(frames), "--out", str(frames / "maps"), *weights], "inside the input"),
+        (["attention", str(video), "--out", str(tmp_path / "a"), "--overlay", str(video),
+          *weights], "is the input"),
+        (["features", str(frames), "--out", str(user_data["root"]), *weights],
+         "contains the input"),
+        (["demo", "--video", str(video), "--mask", str(mask), "--out", str(user_data["root"]),
+          *weights], "contains the input"),
+        (["pretrain", "--preset", "cpu_tiny", "--data", str(frames), "--out",
+          str(frames / "run")], "inside the input folder"),
+    ]  # fmt: skip
+    for args, message in cases:
+        assert_refused(CliRunner().invoke(main, args), message)
+    run_dir = tmp_path / "notes"
+    run_dir.mkdir()
+    (run_dir / "todo.txt").write_text("mine")
+    result = CliRunner().invoke(
+        main, ["pretrain", "--preset", "cpu_tiny", "--data", str(frames), "--out", str(run_dir)]
+    )
+    assert_refused(result, "is not empty and is not a dino-vos result")
+    assert snapshot(user_data["root"]) == before
