@@ -90,9 +90,12 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
 
 
 def check_not_an_input(path: str | Path, inputs: Iterable[str | Path], flag: str) -> None:
-    """Refuse an output that is, lies inside, or contains one of ``inputs``."""
+    """Refuse an output that is, lies inside, or contains one of ``inputs`` (those that exist:
+    frames held in memory have a made-up path)."""
     target = resolved(path)
     for given in inputs:
+        if not Path(given).exists():
+            continue
         source = resolved(given)
         if target == source:
             raise InputError(f"{flag} {path} is the input {given}: outputs never overwrite inputs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,9 +93,13 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
 
     The folder gets a manifest at once (status ``running``), so an interrupted run is known as
     dino-vos's own when it is resumed; reports left by a run with other settings are removed
-    (they are listed in its manifest) instead of lying beside the new masks.
+    (they are listed in its manifest) instead of lying beside the new masks. Under torchrun,
+    rank 0 checks and the other ranks wait for its manifest before they write anything.
     """
     out = job.report_dir
+    if launch_env()[0] != 0:
+        _wait_for_rank0(out, job.run_key())
+        return
     inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]  # every resolution
     if job.scoring_only:  # the results folder holds the masks: only the reports are ours
         check_not_an_input(out, inputs, "--out")
@@ -112,8 +117,6 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
     if job.cache_dir is not None:
         check_not_an_input(job.cache_dir, inputs, "--cache")
         check_writable(job.cache_dir, "--cache")
-    if launch_env()[0] != 0:
-        return
     previous = read_manifest(out) if is_davis_result(out) else {}
     if previous and previous.get("run") != job.run_key():
         for name in listed_outputs(previous):
@@ -123,6 +126,17 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
     if previous.get("run") == job.run_key():
         manifest["outputs"] = previous.get("outputs", [])
     atomic_write_json(out / MANIFEST_NAME, manifest)
+
+
+def _wait_for_rank0(out: Path, run_key: dict[str, Any], timeout: float = 600.0) -> None:
+    """Block until rank 0 has accepted ``out`` for this run (it writes the manifest)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        manifest = read_manifest(out)
+        if manifest.get("format") == RUN_FORMAT and manifest.get("run") == run_key:
+            return
+        time.sleep(0.2)
+    raise InputError(f"rank 0 did not accept --out {out} within {timeout:.0f} s")
 
 
 def check_job(job: DavisJob, given: Sequence[str] = ()) -> None:

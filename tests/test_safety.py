@@ -269,7 +269,11 @@ def test_sigterm_and_sigint_discard_the_staged_run(
     clip = make_clip(400, (48, 64), num_objects=1, seed=4)
     frames, masks = clip.write(tmp_path / "clip")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "dino_vos", "propagate", str(frames), "--mask",
+    # a background job of a non-interactive shell (CI) starts with SIGINT ignored: restore
+    # Python's handler first, as a terminal would have it
+    restore = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    restore += "runpy.run_module('dino_vos', run_name='__main__')"
+    command = [sys.executable, "-c", restore, "propagate", str(frames), "--mask",
                str(masks / "00000.png"), "--out", str(out), "--weights", str(tiny_weights),
                "--short-side", "64", "--device", "cpu"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
