@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,18 @@ def test_resume_reproduces_the_uninterrupted_run(images, tmp_path):
     for name, value in full.teacher.state_dict().items():
         torch.testing.assert_close(resumed.teacher.state_dict()[name], value, rtol=0, atol=0)
     torch.testing.assert_close(resumed.center, full.center, rtol=0, atol=0)
+
+
+def test_unreadable_training_files_are_reported_on_the_console(images, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "broken.jpg").write_bytes(b"not a jpeg")
+    train(tiny_config(data, "train.max_steps=3"), tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable file at step" in err
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in log]
+    assert max(r.get("skipped", 0) for r in records) == 1
 
 
 def test_existing_run_needs_resume(images, tmp_path):

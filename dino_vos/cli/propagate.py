@@ -174,6 +174,8 @@ def demo(
         overwrite,
         is_previous_result=is_previous_demo,
     )
+    what = f"{video}" if video is not None else f"a generated '{clip_style}' clip (seed {seed})"
+    console.print(f"Demo: propagating the first mask of {what} into {out_dir}")
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
     if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
         spec = replace(spec, name=SHIPPED_BACKBONE)
