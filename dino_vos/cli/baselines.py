@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,9 @@ from dino_vos.cli.options import FiniteFloat, build_backbone, with_backbone_spec
 from dino_vos.console import console
 from dino_vos.defaults import IMAGE_SIZE, KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.spec import BackboneSpec
+
+if TYPE_CHECKING:
+    from dino_vos.eval.baselines import BaselineRun
 
 
 def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
@@ -135,7 +138,7 @@ def _accuracy_table(title: str, columns: list[str], rows: list[list[Any]]) -> An
     help="Largest similarity chunk (val x train) held at once.",
 )
 @baseline_options(batch_size=64)
-def knn(run: Any, ks: tuple[int, ...], temperature: float, memory_budget_mb: float) -> None:
+def knn(run: BaselineRun, ks: tuple[int, ...], temperature: float, memory_budget_mb: float) -> None:
     """Weighted k-NN on CLS features (reference protocol): top-1/top-5 for every k."""
     from dino_vos.eval.baselines import run_knn
 
@@ -177,7 +180,7 @@ def knn(run: Any, ks: tuple[int, ...], temperature: float, memory_budget_mb: flo
 )
 @baseline_options(batch_size=256)
 def linear(
-    run: Any,
+    run: BaselineRun,
     epochs: int,
     lr: float,
     fast: bool,
@@ -240,7 +243,7 @@ def linear(
 )
 @baseline_options(batch_size=32)
 def transfer(
-    run: Any,
+    run: BaselineRun,
     epochs: int,
     lr: float,
     backbone_lr_scale: float,
