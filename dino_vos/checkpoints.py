@@ -6,6 +6,7 @@ checkpoint can never run code. dino-vos writes plain dicts of tensors and builti
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import warnings
@@ -22,6 +23,10 @@ from dino_vos.atomic import atomic_path
 from dino_vos.errors import BackboneError
 
 ARCH_METADATA_KEY = "dino_vos_arch"
+#: The only non-builtin objects a checkpoint may hold: official DINO training checkpoints
+#: (``main_dino.py``'s ``checkpoint.pth`` and the released full checkpoints) store the run's
+#: ``args`` as an ``argparse.Namespace`` of plain values. Anything else stays refused.
+SAFE_GLOBALS = [argparse.Namespace]
 PREFIXES_TO_STRIP = ("module.", "backbone.", "_orig_mod.", "encoder.")
 DROPPED_PREFIXES = ("head.", "head_drop.")  # projection / classifier heads
 
@@ -48,7 +53,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             "DINO .pth, a dino-vos checkpoint or a .safetensors file"
         )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
             warnings.simplefilter("ignore")
             content = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files

@@ -123,6 +123,70 @@ def test_official_training_checkpoint_teacher_and_student(tmp_path):
     assert torch.equal(as_student.vit.pos_embed, student.pos_embed)
 
 
+def _main_dino_checkpoint(path, teacher, student, **args_overrides):
+    """A checkpoint laid out as DINO's ``main_dino.py`` saves it: the student under DDP
+    (``module.``), both wrapped with the projection head, the AdamW state, the epoch, the run's
+    ``args`` (an ``argparse.Namespace``), the loss centre and the fp16 scaler state."""
+    import argparse
+
+    def wrapped(model, prefix):
+        state = {f"{prefix}backbone.{k}": v for k, v in model.state_dict().items()}
+        head = {"mlp.0.weight": torch.randn(16, 128), "mlp.0.bias": torch.zeros(16)}
+        head |= {
+            "last_layer.weight_g": torch.ones(10, 1),
+            "last_layer.weight_v": torch.ones(10, 16),
+        }
+        return state | {f"{prefix}head.{k}": v for k, v in head.items()}
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    student(torch.zeros(1, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    args = argparse.Namespace(
+        arch="vit_small", patch_size=8, out_dim=65536, norm_last_layer=True,
+        momentum_teacher=0.996, use_bn_in_head=False, warmup_teacher_temp=0.04,
+        global_crops_scale=(0.4, 1.0), local_crops_number=8, data_path="/path/to/imagenet",
+        output_dir=".", saveckp_freq=20, seed=0, num_workers=10, dist_url="env://",
+        local_rank=0, rank=0, world_size=8, gpu=0,
+    )  # fmt: skip
+    vars(args).update(args_overrides)
+    save_dict = {
+        "student": wrapped(student, "module."),
+        "teacher": wrapped(teacher, ""),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 100,
+        "args": args,
+        "dino_loss": {"center": torch.zeros(1, 65536)},
+        "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                        "growth_interval": 2000, "_growth_tracker": 0},
+    }  # fmt: skip
+    torch.save(save_dict, path)
+
+
+def test_main_dino_training_checkpoint_loads_safely(tmp_path):
+    # DINO's ViTs have 64-dimensional heads, which is how the head count is inferred
+    def dino_like_vit(seed):
+        torch.manual_seed(seed)
+        kwargs = dict(patch_size=8, depth=2, img_size=64, embed_dim=128, num_heads=2)
+        return timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
+
+    teacher, student = dino_like_vit(1), dino_like_vit(2)
+    path = tmp_path / "checkpoint0100.pth"
+    _main_dino_checkpoint(path, teacher, student)
+    images = torch.randn(2, 3, 64, 64)
+    for key, network in (("teacher", teacher), ("student", student)):
+        loaded = load_backbone(None, weights=path, checkpoint_key=key)
+        assert loaded.depth == 2 and loaded.patch_size == 8  # inferred from the weights
+        with torch.no_grad():  # the original network's own forward, in its own layout
+            direct = network.eval().forward_features(images)[:, 1:].reshape(2, 8, 8, 128)
+            torch.testing.assert_close(loaded(images), direct)
+    # only argparse.Namespace is let through: any other object is still refused by name
+    import pathlib
+
+    _main_dino_checkpoint(path, teacher, student, output_dir=pathlib.PurePosixPath("/runs/dino"))
+    with raises(BackboneError, match="needs the Python object pathlib.PurePosixPath"):
+        load_backbone(None, weights=path)
+
+
 def test_bare_state_dict_with_named_architecture(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0)
     path = tmp_path / "dino_tiny.pth"
