@@ -9,14 +9,15 @@ A stateful API in the style of SAM2's video predictor::
         save(result.name, result.labels)
 
 ``propagate`` is a generator: frames are decoded, embedded and segmented one at a time, so memory
-does not grow with the video. Today a run starts from one annotated frame and goes forward
-(``docs/protocol.md#propagation``); masks on further frames and backward propagation are
-refused with a clear error until keyframes are supported.
+does not grow with the video. A run starts from an annotated frame and goes forward
+(``docs/protocol.md#propagation``); masks on later frames are keyframes (corrections and
+objects that enter later, see :meth:`VideoPropagator.add_mask`). Backward propagation is not
+supported yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 
 from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor
-from dino_vos.masks import ObjectIds, check_mask_size, resize_labels
+from dino_vos.masks import VOID_LABEL, ObjectIds, check_mask_size, resize_labels
 from dino_vos.propagation import LabelPropagator, labels_from_soft
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import PropagationConfig
@@ -50,10 +51,15 @@ class FrameResult:
 
 @dataclass
 class PropagationState:
-    """One video being segmented: its frames and the masks given so far (frame index -> mask)."""
+    """One video being segmented: its frames and its keyframes.
+
+    ``masks`` maps a frame index to its annotation; ``objects`` to the object ids that
+    annotation is authoritative for (by default the ids it contains).
+    """
 
     source: FrameSource
     masks: dict[int, np.ndarray] = field(default_factory=dict)
+    objects: dict[int, frozenset[int]] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -62,6 +68,24 @@ class PropagationState:
     @property
     def frame_size(self) -> tuple[int, int]:
         return tuple(self.source.frame_size)  # type: ignore[return-value]
+
+
+def merge_keyframe(
+    predicted: np.ndarray, annotation: np.ndarray, objects: frozenset[int]
+) -> np.ndarray:
+    """The output of a keyframe: the annotation for the objects it annotates, the prediction
+    for the others.
+
+    Pixels predicted as one of ``objects`` are cleared first (the annotation says where those
+    objects are, including nowhere); then every annotated object pixel takes its id. Background
+    (0) and void (255) in the annotation leave other objects' predictions as they are, so a
+    keyframe that annotates only a new object (as YouTube-VOS does) does not erase the others.
+    """
+    merged = predicted.copy()
+    merged[np.isin(merged, sorted(objects))] = 0
+    annotated = (annotation > 0) & (annotation < VOID_LABEL)
+    merged[annotated] = annotation[annotated]
+    return merged
 
 
 class VideoPropagator:
@@ -84,8 +108,20 @@ class VideoPropagator:
             return PropagationState(MemorySource(source[:limit]))
         return PropagationState(source)  # type: ignore[arg-type]
 
-    def add_mask(self, state: PropagationState, frame_index: int, mask: np.ndarray) -> ObjectIds:
-        """Annotate frame ``frame_index`` with a label mask (H, W); returns its object ids."""
+    def add_mask(
+        self,
+        state: PropagationState,
+        frame_index: int,
+        mask: np.ndarray,
+        objects: Iterable[int] | None = None,
+    ) -> ObjectIds:
+        """Annotate frame ``frame_index`` with a label mask (H, W) of object ids.
+
+        The frame becomes a keyframe: its output is the annotation for ``objects`` (default: the
+        ids in ``mask``; pass every id to also clear objects it does not show, see
+        :func:`merge_keyframe`), it adds new objects, and it is kept as a reference for the
+        frames after it. Returns the ids in ``mask``.
+        """
         if not 0 <= frame_index < state.num_frames:
             raise InputError(
                 f"frame {frame_index} is outside the video ({state.num_frames} frames, 0.."
@@ -93,18 +129,22 @@ class VideoPropagator:
             )
         mask = np.asarray(mask)
         check_mask_size(mask, state.source, frame_index)
+        ids = ObjectIds.from_mask(mask)
         state.masks[frame_index] = mask
-        return ObjectIds.from_mask(mask)
+        authoritative = set(ids.ids[1:]) if objects is None else {int(o) for o in objects}
+        state.objects[frame_index] = frozenset(authoritative - {0, VOID_LABEL})
+        return ids
 
     def reset_state(self, state: PropagationState) -> None:
         """Forget every mask added to ``state`` (the frames stay)."""
         state.masks.clear()
+        state.objects.clear()
 
     def propagate(
         self, state: PropagationState, start: int | None = None, reverse: bool = False
     ) -> Iterator[FrameResult]:
         """Yield a :class:`FrameResult` for frame ``start`` (annotated; default: the first
-        annotated frame) and every frame after it."""
+        annotated frame) and every frame after it; later keyframes are applied on the way."""
         if reverse:
             raise InputError("backward propagation is not supported yet: propagate forward")
         if not state.masks:
@@ -112,13 +152,7 @@ class VideoPropagator:
         start = min(state.masks) if start is None else start
         if start not in state.masks:
             raise InputError(f"frame {start} has no mask: start where a mask was added")
-        later = sorted(index for index in state.masks if index > start)
-        if later:
-            raise InputError(
-                f"masks on frames {later} after the start frame {start}: one annotated frame per "
-                "run is supported for now"
-            )
-        yield from self._forward(state.source, start, state.masks[start])
+        yield from self._forward(state, start)
 
     def mask_labels(
         self, mask: np.ndarray, image_size: tuple[int, int]
@@ -130,22 +164,34 @@ class VideoPropagator:
         small = resize_labels(mask, (input_h // patch, input_w // patch))
         return object_ids.one_hot(small), object_ids
 
-    def _forward(self, frames: FrameSource, start: int, mask: np.ndarray) -> Iterator[FrameResult]:
+    def _forward(self, state: PropagationState, start: int) -> Iterator[FrameResult]:
         engine = LabelPropagator(self.config)
         object_ids: ObjectIds | None = None
-        for frame in frames:
+        patch = self.features.patch_size
+        for frame in state.source:
             if frame.index < start:
                 continue
             features = self.features(frame)
             size = frame.image.shape[:2]
-            if object_ids is None:
-                labels, object_ids = self.mask_labels(mask, size)
+            mask = state.masks.get(frame.index)
+            if object_ids is None:  # the start frame: its annotation is the first reference
+                labels, object_ids = self.mask_labels(state.masks[start], size)
                 if labels.shape[1:] != features.shape[:2]:
                     raise InputError(f"feature grid {tuple(features.shape[:2])} != mask grid")
                 engine.reset(features, labels.to(features.device))
                 yield FrameResult(frame.index, frame.name, mask, None, object_ids, frame.image)
                 continue
-            soft = engine.step(features)
-            channels = labels_from_soft(soft, self.features.patch_size).cpu().numpy()
+            soft = engine.predict(features) if mask is not None else engine.step(features)
+            channels = labels_from_soft(soft, patch).cpu().numpy()
             ids = resize_labels(object_ids.to_ids(channels), size)
+            if mask is not None:  # a keyframe: correct, add objects, keep as a reference
+                ids = merge_keyframe(ids, mask, state.objects[frame.index])
+                new = [i for i in ObjectIds.from_mask(mask).ids if i not in object_ids.ids]
+                if new:
+                    object_ids = ObjectIds((*object_ids.ids, *new))
+                    engine.add_classes(len(new))
+                grid = features.shape[:2]
+                labels = object_ids.one_hot(resize_labels(ids, tuple(grid)))
+                engine.add_reference(features, labels.to(features.device))
+                soft = None
             yield FrameResult(frame.index, frame.name, ids, soft, object_ids, frame.image)

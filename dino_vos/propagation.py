@@ -79,13 +79,16 @@ class _Geometry:
 
 
 class _ContextBuffer:
-    """Zero-padded features and labels of the first frame and the recent frames.
+    """Zero-padded features and labels of the reference frames and the recent frames.
 
-    Slot 0 holds the first frame; slots 1..capacity-1 a ring of the most recent frames. Each
-    frame is copied into the buffer once, when it enters the context.
+    Slots 0..fixed-1 hold the references (the first frame, then keyframes); slots
+    fixed..capacity-1 a ring of the most recent frames. Each frame is copied into the buffer
+    once, when it enters the context.
     """
 
-    def __init__(self, geometry: _Geometry, capacity: int, dim: int, classes: int, device):
+    def __init__(
+        self, geometry: _Geometry, capacity: int, dim: int, classes: int, device, fixed: int = 1
+    ):
         self.geometry = geometry
         hp, wp = geometry.padded
         self.keys = torch.zeros(capacity, hp, wp, dim, device=device)
@@ -93,7 +96,8 @@ class _ContextBuffer:
         self.valid = torch.zeros(1, hp, wp, 1, device=device)
         self._interior(self.valid)[:] = 1
         self.count = 0
-        self._next_recent = 1
+        self.fixed = fixed
+        self._next_recent = fixed
 
     @property
     def classes(self) -> int:
@@ -108,10 +112,44 @@ class _ContextBuffer:
         capacity = self.keys.shape[0]
         slot = self.count if self.count < capacity else self._next_recent
         if self.count >= capacity:
-            self._next_recent = 1 + self._next_recent % (capacity - 1)
+            ring = capacity - self.fixed
+            self._next_recent = self.fixed + (self._next_recent - self.fixed + 1) % ring
         self.count = min(self.count + 1, capacity)
         self._interior(self.keys)[slot] = features
         self._interior(self.labels)[slot] = labels.movedim(0, -1)
+
+    def add_classes(self, extra: int) -> None:
+        """Append ``extra`` all-zero label channels (objects that appear later)."""
+        self.labels = F.pad(self.labels, (0, extra))
+
+    def with_reference(
+        self, features: torch.Tensor, labels: torch.Tensor, max_references: int
+    ) -> _ContextBuffer:
+        """A buffer with one more reference (beyond ``max_references`` the oldest one after the
+        first is dropped) and no recent frames: their labels predate the annotation."""
+        references = list(range(self.fixed))
+        if len(references) >= max_references:
+            if max_references == 1:
+                return self  # the first frame stays the only reference
+            references = [0, *references[2:]]
+        ring = self.keys.shape[0] - self.fixed
+        new = _ContextBuffer(
+            self.geometry,
+            len(references) + 1 + ring,
+            self.keys.shape[-1],
+            self.classes,
+            self.keys.device,
+            fixed=len(references) + 1,
+        )
+        for slot in references:
+            new._copy_from(self, slot)
+        new.put(features, labels)
+        return new
+
+    def _copy_from(self, other: _ContextBuffer, slot: int) -> None:
+        self.keys[self.count] = other.keys[slot]
+        self.labels[self.count] = other.labels[slot]
+        self.count += 1
 
 
 def _chunks(tiles_y: int, tiles_x: int, per_chunk: int) -> Iterator[tuple[slice, slice]]:
@@ -158,17 +196,50 @@ class LabelPropagator:
         """Number of frames the next step attends to (first frame + recent frames)."""
         return self._buffer.count if self._buffer is not None else 0
 
-    def step(self, features: torch.Tensor) -> torch.Tensor:
-        """Soft labels (C, h, w) for a target frame's features (h, w, D); updates the queue."""
+    def _target(self, features: torch.Tensor) -> torch.Tensor:
         if self._buffer is None:
-            raise RuntimeError("call reset() with the first frame before step()")
+            raise RuntimeError("call reset() with the first frame first")
         if features.shape[:2] != (self._buffer.geometry.height, self._buffer.geometry.width):
             raise ValueError(f"feature grid {tuple(features.shape[:2])} changed within a video")
-        target = F.normalize(features.float(), dim=-1)
-        soft = self._soft_labels(target, self._buffer)
+        return F.normalize(features.float(), dim=-1)
+
+    def step(self, features: torch.Tensor) -> torch.Tensor:
+        """Soft labels (C, h, w) for a target frame's features (h, w, D); updates the queue."""
+        target = self._target(features)
+        soft = self._soft_labels(target, self._buffer)  # type: ignore[arg-type]
         if self.config.context:
-            self._buffer.put(target, soft)
+            self._buffer.put(target, soft)  # type: ignore[union-attr]
         return soft
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Soft labels (C, h, w) for a frame's features, leaving the context as it is."""
+        return self._soft_labels(self._target(features), self._buffer)  # type: ignore[arg-type]
+
+    @property
+    def num_classes(self) -> int:
+        return self._buffer.classes if self._buffer is not None else 0
+
+    def add_classes(self, extra: int) -> None:
+        """Extend every stored label map with ``extra`` empty channels (new objects)."""
+        if self._buffer is None:
+            raise RuntimeError("call reset() with the first frame first")
+        if extra > 0:
+            self._buffer.add_classes(extra)
+
+    def add_reference(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Make a frame with known labels (C, h, w) a permanent reference, like the first frame.
+
+        At most ``config.max_references`` references are kept: beyond that the oldest one after
+        the first frame is dropped, so memory stays flat on long videos. The queue of recent
+        frames starts again after a reference (their labels predate it), as after the first
+        frame.
+        """
+        target = self._target(features)
+        if labels.shape != (self.num_classes, *target.shape[:2]):
+            raise ValueError("labels do not match the grid and the classes of the context")
+        self._buffer = self._buffer.with_reference(  # type: ignore[union-attr]
+            target, labels.float(), self.config.max_references
+        )
 
     def add_context(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Push a frame with known labels (C, h, w) into the queue of recent frames.

@@ -77,6 +77,7 @@ class PropagationConfig:
     radius: int | None = 12  # square window half-size in patches; None: the whole frame
     temperature: float = 0.1
     tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
+    max_references: int = 5  # first frame + keyframes kept as permanent references
     max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
 
     def __post_init__(self) -> None:
@@ -90,6 +91,8 @@ class PropagationConfig:
             raise ValueError("radius must be 0 or more (None: the whole frame)")
         if self.tile < 1:
             raise ValueError("tile must be at least 1")
+        if self.max_references < 1:
+            raise ValueError("max_references must be at least 1")
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)

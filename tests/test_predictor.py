@@ -79,10 +79,9 @@ def test_masks_are_checked_and_reset(clip, tmp_path: Path):
     with pytest.raises(InputError, match="backward propagation is not supported yet"):
         next(predictor.propagate(state, reverse=True))
     predictor.add_mask(state, 6, clip.masks[6])
-    with pytest.raises(InputError, match=r"masks on frames \[6\] after the start frame 0"):
-        next(predictor.propagate(state))
+    assert sorted(state.masks) == [0, 6] and state.objects[6] == {1, 4}
     predictor.reset_state(state)
-    assert state.masks == {} and state.num_frames == 10
+    assert state.masks == {} and state.objects == {} and state.num_frames == 10
     with pytest.raises(InputError, match="no mask given"):
         next(predictor.propagate(state))
 
@@ -93,3 +92,45 @@ def test_init_state_opens_paths_and_limits(clip, tmp_path: Path):
     state = predictor.init_state(frames_dir, limit=6)
     assert state.num_frames == 6 and state.frame_size == (48, 72)
     assert predictor.init_state(list(clip.frames), limit=3).num_frames == 3
+
+
+def _jaccard(pred: np.ndarray, gt: np.ndarray, object_id: int) -> float:
+    a, b = pred == object_id, gt == object_id
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_an_object_that_enters_later_is_absent_before_its_keyframe(clip):
+    """YouTube-VOS style: the first mask shows object 1; object 4's mask comes at frame 5 alone."""
+    first = np.where(clip.masks[0] == 4, 0, clip.masks[0]).astype(np.uint8)
+    entering = np.where(clip.masks[5] == 4, 4, 0).astype(np.uint8)
+    predictor = VideoPropagator(ColourFeatures(), CONFIG)
+    state = predictor.init_state(list(clip.frames))
+    predictor.add_mask(state, 0, first)
+    predictor.add_mask(state, 5, entering)
+    results = {r.index: r for r in predictor.propagate(state)}
+    assert all(4 not in np.unique(results[t].labels) for t in range(5))
+    assert results[5].object_ids.ids == (0, 1, 4) and results[5].soft is None
+    assert np.array_equal(results[5].labels == 4, clip.masks[5] == 4)  # the annotation, exactly
+    assert _jaccard(results[5].labels, clip.masks[5], 1) > 0.8  # object 1 kept its prediction
+    after = [_jaccard(results[t].labels, clip.masks[t], 4) for t in range(6, 10)]
+    assert min(after) > 0.7, after  # tracked from its keyframe on (0.78-0.83; from frame 0: 0.80+)
+    assert results[9].soft.shape[0] == 3
+
+
+def test_a_correction_sets_its_frame_and_changes_the_frames_after_it(clip):
+    predictor = VideoPropagator(ColourFeatures(), PropagationConfig(radius=2, tile=8, topk=1))
+    state = predictor.init_state(list(clip.frames))
+    predictor.add_mask(state, 0, clip.masks[0])
+    plain = {r.index: r.labels for r in predictor.propagate(state)}
+    wrong = plain[4].copy()
+    wrong[:, : wrong.shape[1] // 2] = 0  # the user erases objects on the left half at frame 4
+    predictor.add_mask(state, 4, wrong, objects=(1, 4))  # authoritative for every object
+    corrected = {r.index: r.labels for r in predictor.propagate(state)}
+    assert all(np.array_equal(plain[t], corrected[t]) for t in range(4))  # before: untouched
+    assert np.array_equal(corrected[4], wrong)
+    left = slice(0, wrong.shape[1] // 2)
+    assert any(not np.array_equal(plain[t], corrected[t]) for t in range(5, 10))
+    assert sum((corrected[t][:, left] > 0).sum() for t in range(5, 10)) < sum(
+        (plain[t][:, left] > 0).sum() for t in range(5, 10)
+    )

@@ -107,6 +107,51 @@ def test_context_queue_matches_reference_loop(context, frames):
             queue.append((feats[t], expected))
 
 
+@pytest.mark.parametrize("max_references", [1, 2, 3])
+def test_references_and_new_classes_match_a_dense_loop(max_references):
+    """Keyframes as permanent references (oldest after the first dropped beyond the bound, the
+    recent queue restarted) and label channels added mid-video: each step equals the dense
+    formulation over the same set of frames."""
+    height, width, classes, context = 9, 12, 2, 2
+    generator = torch.Generator().manual_seed(max_references)
+    feats = torch.randn(9, height, width, 16, generator=generator)
+    hot = F.one_hot(torch.randint(0, classes + 1, (height, width), generator=generator), 3)
+    first = hot.permute(2, 0, 1).float()[:classes]  # channel 2 (a later object) not yet known
+    config = PropagationConfig(
+        topk=4, context=context, radius=3, tile=4, max_references=max_references
+    )
+    engine = LabelPropagator(config)
+    engine.reset(feats[0], first)
+    references, queue = [(feats[0], first)], deque(maxlen=context)
+    for t in range(1, 9):
+        if t in (3, 5, 7):  # keyframes; the one at 5 brings a third object
+            if t == 5:
+                engine.add_classes(1)
+                references = [(f, F.pad(lab, (0, 0, 0, 0, 0, 1))) for f, lab in references]
+                queue = deque([(f, F.pad(lab, (0, 0, 0, 0, 0, 1))) for f, lab in queue], context)
+            labels = hot.permute(2, 0, 1).float()[: engine.num_classes]
+            engine.add_reference(feats[t], labels)
+            if len(references) < max_references:
+                references.append((feats[t], labels))
+            elif max_references > 1:
+                references = [references[0], *references[2:], (feats[t], labels)]
+            if max_references > 1:
+                queue.clear()  # the recent frames start again after a keyframe
+            continue
+        entries = [*references, *queue]
+        expected = dense_propagate(
+            feats[t],
+            torch.stack([e[0] for e in entries]),
+            torch.stack([e[1] for e in entries]),
+            topk=4,
+            radius=3,
+        )
+        soft = engine.step(feats[t])
+        torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-5)
+        queue.append((feats[t], expected))
+        assert engine.context_size == len(references) + len(queue)
+
+
 def _reference_labels(soft: torch.Tensor, patch: int) -> torch.Tensor:
     """The reference post-processing, written as in the DINO script (norm_mask loop)."""
     up = F.interpolate(soft[None], scale_factor=patch, mode="bilinear", align_corners=False)[0]

@@ -213,4 +213,5 @@ def test_propagation_defaults_are_the_reference_protocol():
         "temperature": 0.1,
         "tile": 12,
         "max_chunk_bytes": 32 * 2**20,
+        "max_references": 5,
     }
