@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ class PropagationSummary:
 
 def propagate_to_folder(
     source: str | Path | FrameSource,
-    mask: str | Path | np.ndarray,
+    mask: str | Path | np.ndarray | Mapping[int, str | Path | np.ndarray],
     out_dir: str | Path,
     features: FeatureExtractor,
     config: PropagationConfig | None = None,
@@ -49,7 +49,8 @@ def propagate_to_folder(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> PropagationSummary:
-    """Segment every frame of ``source`` from the first frame's ``mask``; write PNGs to ``out_dir``.
+    """Segment ``source`` from the first frame's ``mask`` (or from keyframes: a mapping of frame
+    index to mask); write a PNG per frame, from the first keyframe on, to ``out_dir``.
 
     The :class:`~dino_vos.predictor.VideoPropagator` writes through an
     :class:`~dino_vos.writers.OutputSink`: outputs appear only when the run completes, with a
@@ -59,16 +60,18 @@ def propagate_to_folder(
     (for progress bars).
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
-    first_mask = read_annotation(mask, frames)
+    keyframes = dict(mask) if isinstance(mask, Mapping) else {0: mask}
     predictor = VideoPropagator(features, config)
     state = predictor.init_state(frames)
-    predictor.add_mask(state, 0, first_mask)
+    for index, annotation in sorted(keyframes.items()):
+        predictor.add_mask(state, index, read_annotation(annotation, frames, index))
     object_ids: tuple[int, ...] = ()
-    inputs = [frames.path, *([mask] if isinstance(mask, (str, Path)) else [])]
+    inputs = [frames.path, *(m for m in keyframes.values() if isinstance(m, (str, Path)))]
     with OutputSink(out_dir, overlay, frames.fps, overwrite, inputs) as sink:
         if on_start is not None:
-            on_start(len(frames))
+            on_start(len(frames) - min(keyframes))
         start = time.perf_counter()
+        names = frames.frame_names()
         for result in predictor.propagate(state):
             object_ids = result.object_ids.ids
             sink.write_mask(result.name, result.labels)
@@ -87,6 +90,7 @@ def propagate_to_folder(
             "input": str(frames.path),
             "frames": len(sink.masks),
             "object_ids": list(object_ids),
+            "keyframes": [names[index] for index in sorted(keyframes)],
             "propagation": predictor.config.to_dict(),
             "seconds": round(seconds, 3),
             **(metadata or {}),

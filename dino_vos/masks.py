@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -174,3 +175,60 @@ def require_objects(mask: np.ndarray, name: str | Path) -> None:
             f"mask {name} has no object (only background and void): nothing to propagate; "
             "give an annotation with object ids 1..254"
         )
+
+
+def frame_index(source: FrameSource, frame: str) -> int:
+    """The index of ``frame`` (an index, or a frame name such as ``00040``) in ``source``."""
+    names = source.frame_names()
+    if frame in names:
+        return names.index(frame)
+    try:
+        index = int(frame)
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(names):
+        raise InputError(
+            f"no frame {frame!r} in {source.path}: give a frame index 0..{len(names) - 1} or a "
+            f"frame name such as {names[0]}"
+        )
+    return index
+
+
+def read_keyframes(
+    source: FrameSource,
+    masks: Sequence[str | Path] = (),
+    masks_dir: str | Path | None = None,
+) -> dict[int, np.ndarray]:
+    """Annotations by frame index: ``masks`` entries are ``FILE`` (the first frame) or
+    ``FRAME=FILE``; ``masks_dir`` holds sparse PNGs named like the frames (YouTube-VOS
+    ``Annotations/``). Sizes are checked; the first keyframe must show an object."""
+    given: list[tuple[int, Path]] = []
+    for entry in masks:
+        text = str(entry)
+        frame, sep, file = text.partition("=")
+        if sep and not Path(text).exists():
+            given.append((frame_index(source, frame), Path(file)))
+        else:
+            given.append((0, Path(text)))
+    if masks_dir is not None:
+        folder = Path(masks_dir)
+        if not folder.is_dir():
+            raise InputError(f"--masks {folder} is not a folder of annotation PNGs")
+        names = {name: i for i, name in enumerate(source.frame_names())}
+        found = [(names[p.stem], p) for p in sorted(folder.glob("*.png")) if p.stem in names]
+        if not found:
+            raise InputError(
+                f"no annotation in {folder} is named like a frame of {source.path} (for example "
+                f"{source.frame_names()[0]}.png)"
+            )
+        given += found
+    keyframes: dict[int, np.ndarray] = {}
+    for index, path in given:
+        if index in keyframes:
+            raise InputError(f"two annotations for frame {index}: give one mask per frame")
+        keyframes[index] = read_annotation(path, source, index)
+    if not keyframes:
+        raise InputError("no annotation given: pass --mask FIRST.png, --mask FRAME=FILE or --masks")
+    first = min(keyframes)
+    require_objects(keyframes[first], f"of frame {first}")
+    return keyframes

@@ -45,6 +45,8 @@ class FrameSource(Protocol):
 
     def __iter__(self) -> Iterator[Frame]: ...
 
+    def frame_names(self) -> list[str]: ...
+
     @property
     def frame_size(self) -> tuple[int, int]: ...
 
@@ -69,6 +71,9 @@ class MemorySource:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    def frame_names(self) -> list[str]:
+        return [frame.name for frame in self.frames]
 
     def __iter__(self) -> Iterator[Frame]:
         return iter(self.frames)
@@ -123,6 +128,10 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def frame_names(self) -> list[str]:
+        """The output stem of every frame, without decoding it."""
+        return [file.stem for file in self.files]
+
     @property
     def frame_size(self) -> tuple[int, int]:
         if self._size is None:
@@ -150,6 +159,9 @@ class _VideoFile:
 
     def __len__(self) -> int:
         return self._count
+
+    def frame_names(self) -> list[str]:
+        return [f"{index:05d}" for index in range(self._count)]
 
     @property
     def frame_size(self) -> tuple[int, int]:

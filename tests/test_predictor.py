@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +135,43 @@ def test_a_correction_sets_its_frame_and_changes_the_frames_after_it(clip):
     assert sum((corrected[t][:, left] > 0).sum() for t in range(5, 10)) < sum(
         (plain[t][:, left] > 0).sum() for t in range(5, 10)
     )
+
+
+def test_cli_keyframes_from_masks_and_a_sparse_folder(clip, tiny_weights, tmp_path):
+    from click.testing import CliRunner
+
+    from dino_vos.cli import main
+    from dino_vos.masks import read_mask, write_indexed_png
+
+    frames, _ = clip.write(tmp_path / "clip")
+    first = np.where(clip.masks[0] == 4, 0, clip.masks[0]).astype(np.uint8)
+    entering = np.where(clip.masks[5] == 4, 4, 0).astype(np.uint8)
+    sparse = tmp_path / "Annotations"
+    sparse.mkdir()
+    write_indexed_png(sparse / "00000.png", first)
+    write_indexed_png(sparse / "00005.png", entering)
+    common = ["--weights", str(tiny_weights), "--short-side", "48", "--device", "cpu"]
+    by_flag = ["--mask", str(sparse / "00000.png"), "--mask", f"5={sparse / '00005.png'}"]
+    for name, given in (("flags", by_flag), ("folder", ["--masks", str(sparse)])):
+        out = tmp_path / name
+        result = CliRunner().invoke(
+            main, ["propagate", str(frames), *given, "--out", str(out), *common]
+        )
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "dino-vos.json").read_text())
+        assert manifest["keyframes"] == ["00000", "00005"] and manifest["object_ids"] == [0, 1, 4]
+        assert all(4 not in np.unique(read_mask(out / f"{t:05d}.png")) for t in range(5))
+        assert np.array_equal(read_mask(out / "00005.png") == 4, entering == 4)
+    bad = [
+        (["--mask", f"99={sparse / '00005.png'}"], "no frame '99'"),
+        (["--mask", str(sparse / "00000.png"), "--mask", f"0={sparse / '00005.png'}"],
+         "two annotations for frame 0"),
+        (["--masks", str(tmp_path)], "is named like a frame"),
+        ([], "give the first frame's annotation"),
+    ]  # fmt: skip
+    for given, message in bad:
+        result = CliRunner().invoke(
+            main, ["propagate", str(frames), *given, "--out", str(tmp_path / "x"), *common]
+        )
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Backbone:" not in result.output

@@ -41,9 +41,18 @@ def _run_metadata(features: Any) -> dict[str, Any]:
 @input_argument
 @click.option(
     "--mask",
-    required=True,
+    "masks",
+    multiple=True,
+    metavar="[FRAME=]FILE",
+    help="Annotation PNG (indexed, or grayscale 0/255) of the first frame, or FRAME=FILE for the "
+    "frame with that index or name (a keyframe: a correction or objects that enter); repeatable.",
+)
+@click.option(
+    "--masks",
+    "masks_dir",
     type=click.Path(path_type=Path),
-    help="First-frame annotation PNG (indexed, or grayscale 0/255).",
+    default=None,
+    help="A folder of sparse annotation PNGs named like the frames (as YouTube-VOS Annotations/).",
 )
 @out_option
 @propagation_options
@@ -64,7 +73,8 @@ def _run_metadata(features: Any) -> dict[str, Any]:
 @with_backbone_spec
 def propagate(
     input_path: Path,
-    mask: Path,
+    masks: tuple[str, ...],
+    masks_dir: Path | None,
     out_dir: Path,
     config: PropagationConfig,
     overlay: Path | None,
@@ -73,24 +83,35 @@ def propagate(
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
-    """Propagate the first-frame MASK through INPUT (a video file or a folder of frames)."""
-    from dino_vos.masks import read_annotation, require_objects
+    """Propagate the annotated masks through INPUT (a video file or a folder of frames).
+
+    The first annotated frame starts the run; masks on later frames are keyframes.
+    """
+    from dino_vos.masks import read_keyframes
     from dino_vos.sources import open_source
 
+    if not masks and masks_dir is None:
+        raise click.UsageError("give the first frame's annotation: --mask FILE (or --masks DIR)")
     source = open_source(input_path, limit=max_frames)  # input checks first, without torch
-    first_mask = read_annotation(mask, source)
-    require_objects(first_mask, mask)
-    check_outputs(out_dir, overlay, [input_path, mask], overwrite)
+    keyframes = read_keyframes(source, masks, masks_dir)
+    mask_files = [Path(entry.split("=", 1)[-1]) for entry in masks]
+    inputs = [input_path, *mask_files, *([masks_dir] if masks_dir else [])]
+    check_outputs(out_dir, overlay, inputs, overwrite)
 
     from dino_vos.api import propagate_to_folder
 
-    console.print(f"Propagating {mask} through {len(source)} frames of {input_path} into {out_dir}")
+    names = source.frame_names()
+    console.print(
+        f"Propagating {len(source) - min(keyframes)} frames of {input_path} from keyframe"
+        f"{'s' * (len(keyframes) > 1)} {', '.join(names[i] for i in sorted(keyframes))} "
+        f"into {out_dir}"
+    )
     features = build_features(spec)
     with progress_bar("frames") as progress:
-        task = progress.add_task("Propagating", total=len(source))
+        task = progress.add_task("Propagating", total=len(source) - min(keyframes))
         summary = propagate_to_folder(
             source,
-            first_mask,
+            keyframes,
             out_dir,
             features,
             config,
