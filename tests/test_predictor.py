@@ -152,6 +152,7 @@ def test_cli_keyframes_from_masks_and_a_sparse_folder(clip, tiny_weights, tmp_pa
     write_indexed_png(sparse / "00005.png", entering)
     common = ["--weights", str(tiny_weights), "--short-side", "48", "--device", "cpu"]
     by_flag = ["--mask", str(sparse / "00000.png"), "--mask", f"5={sparse / '00005.png'}"]
+    by_flag += ["--max-references", "2"]
     for name, given in (("flags", by_flag), ("folder", ["--masks", str(sparse)])):
         out = tmp_path / name
         result = CliRunner().invoke(
@@ -160,6 +161,7 @@ def test_cli_keyframes_from_masks_and_a_sparse_folder(clip, tiny_weights, tmp_pa
         assert result.exit_code == 0, result.output
         manifest = json.loads((out / "dino-vos.json").read_text())
         assert manifest["keyframes"] == ["00000", "00005"] and manifest["object_ids"] == [0, 1, 4]
+        assert manifest["propagation"]["max_references"] == (2 if name == "flags" else 5)
         assert all(4 not in np.unique(read_mask(out / f"{t:05d}.png")) for t in range(5))
         assert np.array_equal(read_mask(out / "00005.png") == 4, entering == 4)
     bad = [

@@ -207,6 +207,7 @@ def propagation_options(func: Callable) -> Callable:
             context=kwargs.pop("context"),
             radius=kwargs.pop("radius"),
             temperature=kwargs.pop("temperature"),
+            max_references=kwargs.pop("max_references"),
         )
         return func(config=config, **kwargs)
 
@@ -240,6 +241,14 @@ def propagation_options(func: Callable) -> Callable:
                 default=_PROPAGATION_DEFAULTS.temperature,
                 show_default=True,
                 help="Softmax temperature of the affinities.",
+            ),
+            click.option(
+                "--max-references",
+                type=click.IntRange(min=1),
+                default=_PROPAGATION_DEFAULTS.max_references,
+                show_default=True,
+                help="Annotated frames kept as references (the first one always; keyframes "
+                "beyond this drop the oldest).",
             ),
         ],
     )
