@@ -79,6 +79,13 @@ def test_added_context_frames_vote_like_the_dense_reference():
         engine.add_context(keys[0], labels[0][:2])
 
 
+def _dense_over(target: torch.Tensor, entries: list, **kwargs) -> torch.Tensor:
+    """The dense formulation over (features, labels) context entries."""
+    keys = torch.stack([features for features, _ in entries])
+    labels = torch.stack([label for _, label in entries])
+    return dense_propagate(target, keys, labels, **kwargs)
+
+
 @pytest.mark.parametrize(("context", "frames"), [(0, 4), (2, 7), (7, 12)])
 def test_context_queue_matches_reference_loop(context, frames):
     """First frame + the `context` most recent soft maps, as the reference queue."""
@@ -93,13 +100,7 @@ def test_context_queue_matches_reference_loop(context, frames):
     queue: deque = deque(maxlen=context) if context else deque(maxlen=1)
     for t in range(1, frames):
         entries = [(feats[0], first), *(queue if context else [])]
-        expected = dense_propagate(
-            feats[t],
-            torch.stack([e[0] for e in entries]),
-            torch.stack([e[1] for e in entries]),
-            topk=4,
-            radius=4,
-        )
+        expected = _dense_over(feats[t], entries, topk=4, radius=4)
         soft = engine.step(feats[t])
         torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-5)
         assert engine.context_size == 1 + min(t, context)
@@ -138,14 +139,7 @@ def test_references_and_new_classes_match_a_dense_loop(max_references):
             if max_references > 1:
                 queue.clear()  # the recent frames start again after a keyframe
             continue
-        entries = [*references, *queue]
-        expected = dense_propagate(
-            feats[t],
-            torch.stack([e[0] for e in entries]),
-            torch.stack([e[1] for e in entries]),
-            topk=4,
-            radius=3,
-        )
+        expected = _dense_over(feats[t], [*references, *queue], topk=4, radius=3)
         soft = engine.step(feats[t])
         torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-5)
         queue.append((feats[t], expected))
