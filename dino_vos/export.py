@@ -38,8 +38,9 @@ from safetensors.torch import save as save_safetensors
 from dino_vos import __version__
 from dino_vos.errors import InputError
 from dino_vos.features import BackboneFeatures
+from dino_vos.outputs import MANIFEST_NAME, read_manifest
 from dino_vos.sources import Frame, FrameSource
-from dino_vos.writers import MANIFEST_NAME, OutputSink, read_manifest
+from dino_vos.writers import OutputSink
 
 FeatureDtype = Literal["fp16", "fp32"]
 Layout = Literal["frames", "video"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -167,8 +168,6 @@ def remove_stale_staging(out_dir: Path, announce: Any = None) -> None:
     in (listed in its journal) leave and the previous result's files come back from the backup.
     ``announce(text)`` is told what was cleaned.
     """
-    import shutil
-
     backup = out_dir / BACKUP_NAME
     if backup.is_dir():
         try:

@@ -8,7 +8,7 @@ needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#fra
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -129,9 +129,6 @@ class BackboneSpec:
         """A short description for messages before the model is built."""
         what = self.name or (Path(self.weights).name if self.weights else "default backbone")
         return f"{what} (random init)" if self.random_init else what
-
-    def with_device(self, device: str) -> BackboneSpec:
-        return replace(self, device=device)
 
     def build_backbone(self) -> Backbone:
         """Build the backbone in eval mode; under torchrun on this rank's GPU."""

@@ -31,18 +31,12 @@ from dino_vos.outputs import (
     MANIFEST_NAME,
     STAGING_NAME,
     check_outputs,
-    is_result_folder,
     listed_outputs,
     read_manifest,
     remove_stale_staging,
 )
 
 ProbsFormat = Literal["npz", "safetensors"]
-
-
-def is_complete(out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds the manifest of a finished run."""
-    return is_result_folder(out_dir)
 
 
 class OutputSink:

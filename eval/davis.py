@@ -31,10 +31,10 @@ from dino_vos.eval.cache import CacheStats, FeatureCache
 from dino_vos.eval.davis_data import DavisSequence, read_results
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
 from dino_vos.features import BackboneFeatures
+from dino_vos.outputs import is_result_folder, read_manifest
 from dino_vos.propagation import PropagationConfig
 from dino_vos.sources import FolderSource
 from dino_vos.spec import BackboneSpec
-from dino_vos.writers import is_complete, read_manifest
 
 
 @dataclass
@@ -125,7 +125,7 @@ class SequenceEvaluator:
 
     def is_up_to_date(self, sequence: DavisSequence) -> bool:
         out = self.settings.results_dir / sequence.name
-        if not is_complete(out):
+        if not is_result_folder(out):
             return False
         manifest = read_manifest(out)
         if any(manifest.get(k) != v for k, v in self.expected_manifest(sequence).items()):
