@@ -194,6 +194,16 @@ def frame_index(source: FrameSource, frame: str) -> int:
     return index
 
 
+def parse_mask_entry(entry: str | Path) -> tuple[str | None, Path]:
+    """``FILE`` -> (None, FILE) (the first frame); ``FRAME=FILE`` -> (FRAME, FILE). An existing
+    file whose name holds ``=`` is a file."""
+    text = str(entry)
+    frame, sep, file = text.partition("=")
+    if sep and not Path(text).exists():
+        return frame, Path(file)
+    return None, Path(text)
+
+
 def read_keyframes(
     source: FrameSource,
     masks: Sequence[str | Path] = (),
@@ -204,12 +214,8 @@ def read_keyframes(
     ``Annotations/``). Sizes are checked; the first keyframe must show an object."""
     given: list[tuple[int, Path]] = []
     for entry in masks:
-        text = str(entry)
-        frame, sep, file = text.partition("=")
-        if sep and not Path(text).exists():
-            given.append((frame_index(source, frame), Path(file)))
-        else:
-            given.append((0, Path(text)))
+        frame, file = parse_mask_entry(entry)
+        given.append((0 if frame is None else frame_index(source, frame), file))
     if masks_dir is not None:
         folder = Path(masks_dir)
         if not folder.is_dir():

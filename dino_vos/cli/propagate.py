@@ -87,14 +87,14 @@ def propagate(
 
     The first annotated frame starts the run; masks on later frames are keyframes.
     """
-    from dino_vos.masks import read_keyframes
+    from dino_vos.masks import parse_mask_entry, read_keyframes
     from dino_vos.sources import open_source
 
     if not masks and masks_dir is None:
         raise click.UsageError("give the first frame's annotation: --mask FILE (or --masks DIR)")
     source = open_source(input_path, limit=max_frames)  # input checks first, without torch
     keyframes = read_keyframes(source, masks, masks_dir)
-    mask_files = [Path(entry.split("=", 1)[-1]) for entry in masks]
+    mask_files = [parse_mask_entry(entry)[1] for entry in masks]
     inputs = [input_path, *mask_files, *([masks_dir] if masks_dir else [])]
     check_outputs(out_dir, overlay, inputs, overwrite)
 
