@@ -8,6 +8,7 @@ needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#fra
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -130,25 +131,33 @@ class BackboneSpec:
         what = self.name or (Path(self.weights).name if self.weights else "default backbone")
         return f"{what} (random init)" if self.random_init else what
 
-    def build_backbone(self) -> Backbone:
-        """Build the backbone in eval mode; under torchrun on this rank's GPU."""
+    def build_backbone(self, announce: bool = False) -> Backbone:
+        """Build the backbone in eval mode; under torchrun on this rank's GPU.
+
+        ``announce`` shows a status line while it loads and then prints which backbone is used.
+        """
         import torch
 
         from dino_vos.backbones import load_backbone
+        from dino_vos.console import console
         from dino_vos.distributed import rank_device
 
         torch.manual_seed(self.seed)  # random-init weights: the same in every process
-        return load_backbone(
-            self.name,
-            weights=self.weights,
-            checkpoint_key=self.checkpoint_key,
-            device=rank_device(self.device),
-            pos_embed=self.pos_embed,
-            pretrained=not self.random_init,
-        )
+        with console.status(f"Loading backbone {self.label()} ...") if announce else nullcontext():
+            backbone = load_backbone(
+                self.name,
+                weights=self.weights,
+                checkpoint_key=self.checkpoint_key,
+                device=rank_device(self.device),
+                pos_embed=self.pos_embed,
+                pretrained=not self.random_init,
+            )
+        if announce:
+            console.print(f"Backbone: {backbone.describe()}")
+        return backbone
 
-    def build(self) -> BackboneFeatures:
+    def build(self, announce: bool = False) -> BackboneFeatures:
         """The backbone with this spec's frame resize: frames in, patch features out."""
         from dino_vos.features import BackboneFeatures
 
-        return BackboneFeatures(self.build_backbone(), self.resize)
+        return BackboneFeatures(self.build_backbone(announce), self.resize)

@@ -101,19 +101,17 @@ def open_baseline_run(
     batch_size: int = 64,
     workers: int = 2,
     cache_dir: Path | None = None,
-    build_backbone: Any = None,
 ) -> Iterator[BaselineRun]:
     """Check the data, join the process group, build the backbone; leave the group at the end.
 
-    ``cache_dir`` None disables the feature cache. ``build_backbone(spec)`` builds the model
-    (default: ``spec.build_backbone()``; the command line passes one that reports it).
+    ``cache_dir`` None disables the feature cache; the backbone that is built is reported.
     """
     resize_size = check_sizes(image_size, resize_size)
     train, val = load_imagefolder(train_dir, val_dir)
     info = init_distributed(spec.device)
     console.quiet = console.quiet or not info.is_main  # only rank 0 talks
     try:
-        backbone = (build_backbone or BackboneSpec.build_backbone)(spec)
+        backbone = spec.build_backbone(announce=True)
         yield BaselineRun(
             backbone,
             train,

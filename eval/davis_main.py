@@ -155,13 +155,6 @@ def check_job(job: DavisJob, given: Sequence[str] = ()) -> None:
         raise InputError("propagation needs a backbone spec")
 
 
-def _load_features(spec: BackboneSpec) -> BackboneFeatures:
-    with console.status(f"Loading backbone {spec.label()} ..."):
-        features = spec.build()
-    console.print(f"Backbone: {features.backbone.describe()}")
-    return features
-
-
 def run_davis(job: DavisJob) -> DavisRun | None:
     """Evaluate (or only score) a DAVIS split and write the reports (rank 0; None elsewhere)."""
     check_job(job)
@@ -198,7 +191,7 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         f"DAVIS {job.split}: {len(dataset)} sequences, {frames} frames ({source})"
         + (f", rank {rank} of {world}" if world > 1 else "")
     )
-    features = None if job.scoring_only else _load_features(job.spec)  # type: ignore[arg-type]
+    features = None if job.scoring_only else job.spec.build(announce=True)  # type: ignore[arg-type]
     shard_frames = sum(len(s.annotations) for s in shard_sequences(dataset.sequences, rank, world))
     with progress_bar("frames") as progress:
         task = progress.add_task(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dino_vos.cli.options import FiniteFloat, build_backbone, with_backbone_spec
+from dino_vos.cli.options import FiniteFloat, with_backbone_spec
 from dino_vos.console import console
 from dino_vos.defaults import IMAGE_SIZE, KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.spec import BackboneSpec
@@ -96,7 +96,6 @@ def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
                 kw.pop("batch_size"),
                 kw.pop("workers"),
                 None if kw.pop("no_cache") else cache_dir,
-                build_backbone=build_backbone,
             ) as run:
                 return func(run=run, **kw)
 

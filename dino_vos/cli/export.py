@@ -9,7 +9,6 @@ import click
 from dino_vos.cli.options import (
     FiniteFloat,
     batch_option,
-    build_features,
     input_argument,
     max_frames_option,
     out_option,
@@ -96,7 +95,7 @@ def attention(
 
     from dino_vos.attention import export_attention
 
-    features = build_features(spec)
+    features = spec.build(announce=True)
     with progress_bar("frames") as progress:
         task = progress.add_task("Attention", total=len(source))
         summary = export_attention(
@@ -167,7 +166,7 @@ def features(
 
     from dino_vos.export import FeatureExporter, export_features
 
-    extractor = build_features(spec)
+    extractor = spec.build(announce=True)
     exporter = FeatureExporter(extractor, block_indices, not no_norm, dtype, l2)  # type: ignore[arg-type]
     with progress_bar("frames") as progress:
         task = progress.add_task("Features", total=len(source))

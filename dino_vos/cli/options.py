@@ -1,7 +1,7 @@
 """Options shared by the commands, and the one place where options become a model.
 
 Nothing here imports torch: the options turn into a :class:`~dino_vos.spec.BackboneSpec`, which
-builds the model only when a command calls :func:`build_features` or :func:`build_backbone`,
+builds the model only when a command calls ``spec.build(announce=True)``,
 after its inputs were checked.
 """
 
@@ -11,11 +11,10 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from dino_vos.console import console
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
@@ -25,10 +24,6 @@ from dino_vos.spec import (
     PropagationConfig,
     ResizeSpec,
 )
-
-if TYPE_CHECKING:
-    from dino_vos.backbones import Backbone
-    from dino_vos.features import BackboneFeatures
 
 _BACKBONE_KEYS = ("backbone", "weights", "checkpoint_key", "random_init", "pos_embed", "device")
 _PROPAGATION_DEFAULTS = PropagationConfig()
@@ -179,21 +174,6 @@ def with_backbone_spec(
     if short_side is not None:
         decorated = resize_options(decorated, short_side=short_side)
     return seed_option(decorated) if seed else decorated
-
-
-def build_backbone(spec: BackboneSpec) -> Backbone:
-    """Build the model of ``spec`` and say which one is used."""
-    with console.status(f"Loading backbone {spec.label()} ..."):
-        backbone = spec.build_backbone()
-    console.print(f"Backbone: {backbone.describe()}")
-    return backbone
-
-
-def build_features(spec: BackboneSpec) -> BackboneFeatures:
-    """The patch-feature extractor of ``spec`` (model + frame resize)."""
-    from dino_vos.features import BackboneFeatures
-
-    return BackboneFeatures(build_backbone(spec), spec.resize)
 
 
 def propagation_options(func: Callable) -> Callable:

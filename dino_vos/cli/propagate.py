@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from dino_vos.cli.options import (
-    build_features,
     input_argument,
     max_frames_option,
     out_option,
@@ -106,7 +105,7 @@ def propagate(
         f"{'s' * (len(keyframes) > 1)} {', '.join(names[i] for i in sorted(keyframes))} "
         f"into {out_dir}"
     )
-    features = build_features(spec)
+    features = spec.build(announce=True)
     with progress_bar("frames") as progress:
         task = progress.add_task("Propagating", total=len(source) - min(keyframes))
         summary = propagate_to_folder(
@@ -200,7 +199,7 @@ def demo(
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
     if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
         spec = replace(spec, name=SHIPPED_BACKBONE)
-    features = build_features(spec)
+    features = spec.build(announce=True)
     with progress_bar("frames") as progress:
         task = progress.add_task("Propagating", total=None)
         result = run_demo(
