@@ -20,7 +20,6 @@ import torch
 
 from dino_vos.checkpoints import atomic_torch_save, read_checkpoint
 from dino_vos.errors import InputError
-from dino_vos.pretrain.config import CHECKPOINT_NAME  # noqa: F401 - re-exported
 
 FORMAT = "dino-vos-pretrain"
 VERSION = 1

@@ -34,7 +34,6 @@ from dino_vos.distributed import DistInfo
 from dino_vos.errors import DinoVosError, InputError
 from dino_vos.pretrain.augment import MultiCropAugmentation
 from dino_vos.pretrain.checkpoint import (
-    CHECKPOINT_NAME,
     load_checkpoint,
     remove_stale_temp_files,
     rng_state,
@@ -42,6 +41,7 @@ from dino_vos.pretrain.checkpoint import (
     set_rng_state,
 )
 from dino_vos.pretrain.config import (
+    CHECKPOINT_NAME,
     CONFIG_NAME,
     INIT_EXPORT_NAME,
     LOG_NAME,

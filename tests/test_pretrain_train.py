@@ -19,8 +19,8 @@ from conftest import PRETRAIN_TINY_OVERRIDES
 from dino_vos.backbones import load_backbone
 from dino_vos.cli import main
 from dino_vos.pretrain import loss as loss_module
-from dino_vos.pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from dino_vos.pretrain.config import resolve_config
+from dino_vos.pretrain.checkpoint import load_checkpoint, save_checkpoint
+from dino_vos.pretrain.config import CHECKPOINT_NAME, resolve_config
 from dino_vos.pretrain.train import TrainingDiverged, train
 from dino_vos.spec import BackboneSpec
 from dino_vos.synthetic import make_clip
