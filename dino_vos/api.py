@@ -12,10 +12,10 @@ import numpy as np
 
 from dino_vos import __version__
 from dino_vos.features import FeatureExtractor
-from dino_vos.masks import read_annotation
+from dino_vos.masks import read_annotation, read_mask
 from dino_vos.predictor import FrameResult, VideoPropagator
 from dino_vos.sources import FrameSource, open_source
-from dino_vos.spec import PropagationConfig
+from dino_vos.spec import Direction, PropagationConfig, frames_covered
 from dino_vos.writers import OutputSink, ProbsFormat, blend_overlay, encode_probabilities
 
 
@@ -48,9 +48,11 @@ def propagate_to_folder(
     on_frame: Callable[[FrameResult], None] | None = None,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    direction: Direction = "forward",
 ) -> PropagationSummary:
     """Segment ``source`` from the first frame's ``mask`` (or from keyframes: a mapping of frame
-    index to mask); write a PNG per frame, from the first keyframe on, to ``out_dir``.
+    index to mask); write a PNG per frame to ``out_dir``: from the first keyframe on
+    (``direction="forward"``), up to the last one (``"backward"``) or all (``"both"``).
 
     The :class:`~dino_vos.predictor.VideoPropagator` writes through an
     :class:`~dino_vos.writers.OutputSink`: outputs appear only when the run completes, with a
@@ -69,21 +71,28 @@ def propagate_to_folder(
     inputs = [frames.path, *(m for m in keyframes.values() if isinstance(m, (str, Path)))]
     with OutputSink(out_dir, overlay, frames.fps, overwrite, inputs) as sink:
         if on_start is not None:
-            on_start(len(frames) - min(keyframes))
+            on_start(frames_covered(len(frames), keyframes, direction))
         start = time.perf_counter()
         names = frames.frame_names()
-        for result in predictor.propagate(state):
-            object_ids = result.object_ids.ids
+        in_order = direction == "forward"
+        for result in predictor.propagate(state, direction=direction):
+            object_ids = tuple(dict.fromkeys((*object_ids, *result.object_ids.ids)))
             sink.write_mask(result.name, result.labels)
             if save_probs and result.soft is not None:
                 sink.write_bytes(
                     f"probs/{result.name}.{save_probs}",
                     encode_probabilities(result.soft, object_ids, save_probs),
                 )
-            if sink.overlay is not None:
+            if sink.overlay is not None and in_order:
                 sink.write_overlay(blend_overlay(result.image, result.labels))
             if on_frame is not None:
                 on_frame(result)
+        if sink.overlay is not None and not in_order:  # results came out of order
+            written = set(sink.masks)
+            for frame in frames:
+                if frame.name in written:
+                    labels = read_mask(sink.path(f"{frame.name}.png"))
+                    sink.write_overlay(blend_overlay(frame.image, labels))
         seconds = time.perf_counter() - start
         settings = {
             "dino_vos": __version__,
@@ -91,6 +100,7 @@ def propagate_to_folder(
             "frames": len(sink.masks),
             "object_ids": list(object_ids),
             "keyframes": [names[index] for index in sorted(keyframes)],
+            "direction": direction,
             "propagation": predictor.config.to_dict(),
             "seconds": round(seconds, 3),
             **(metadata or {}),
@@ -99,3 +109,4 @@ def propagate_to_folder(
     return PropagationSummary(
         Path(out_dir), len(sink.masks), object_ids, seconds, sink.overlay, settings
     )
+

@@ -9,15 +9,15 @@ A stateful API in the style of SAM2's video predictor::
         save(result.name, result.labels)
 
 ``propagate`` is a generator: frames are decoded, embedded and segmented one at a time, so memory
-does not grow with the video. A run starts from an annotated frame and goes forward
-(``docs/protocol.md#propagation``); masks on later frames are keyframes (corrections and
-objects that enter later, see :meth:`VideoPropagator.add_mask`). Backward propagation is not
-supported yet.
+does not grow with the video. A run starts from an annotated frame
+(``docs/protocol.md#propagation``); masks on other frames are keyframes (corrections and
+objects that enter later, see :meth:`VideoPropagator.add_mask`). ``direction`` is
+``forward``, ``backward`` or ``both`` (``docs/protocol.md#keyframes``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +26,11 @@ import torch
 
 from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor
+from dino_vos.frame_store import FrameStore
 from dino_vos.masks import VOID_LABEL, ObjectIds, check_mask_size, resize_labels
 from dino_vos.propagation import LabelPropagator, labels_from_soft
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
-from dino_vos.spec import PropagationConfig
+from dino_vos.spec import DIRECTIONS, Direction, PropagationConfig
 
 
 @dataclass
@@ -141,18 +142,53 @@ class VideoPropagator:
         state.objects.clear()
 
     def propagate(
-        self, state: PropagationState, start: int | None = None, reverse: bool = False
+        self,
+        state: PropagationState,
+        start: int | None = None,
+        reverse: bool = False,
+        direction: Direction | None = None,
+        store_dir: str | Path | None = None,
     ) -> Iterator[FrameResult]:
-        """Yield a :class:`FrameResult` for frame ``start`` (annotated; default: the first
-        annotated frame) and every frame after it; later keyframes are applied on the way."""
-        if reverse:
-            raise InputError("backward propagation is not supported yet: propagate forward")
+        """Yield a :class:`FrameResult` per frame, in the order results become final.
+
+        - ``forward`` (default): frame ``start`` (annotated; default the first keyframe) and
+          every frame after it, in order; later keyframes are applied on the way.
+        - ``backward`` (or ``reverse=True``): the same engine on the time-reversed stream, from
+          ``start`` (default the last keyframe) down to frame 0.
+        - ``both``: every frame. Frames between two keyframes fuse the forward and the backward
+          soft maps by temporal distance; frames before the first keyframe take the backward
+          result, frames after the last one the forward result (yielded first, in order); the
+          others follow from the last keyframe down to frame 0.
+
+        ``backward`` and ``both`` embed the frames once in a first pass and keep them, with
+        their features, in a temporary :class:`~dino_vos.frame_store.FrameStore` (in
+        ``store_dir``, default the system's temporary folder), never the decoded video in
+        memory. The rules are in docs/protocol.md#keyframes.
+        """
+        direction = direction or ("backward" if reverse else "forward")
+        if reverse and direction != "backward":
+            raise InputError(f"reverse=True contradicts direction={direction!r}")
+        if direction not in DIRECTIONS:
+            raise InputError(f"unknown direction {direction!r}: use one of {', '.join(DIRECTIONS)}")
         if not state.masks:
             raise InputError("no mask given: call add_mask(state, frame_index, mask) first")
-        start = min(state.masks) if start is None else start
-        if start not in state.masks:
+        if start is not None and start not in state.masks:
             raise InputError(f"frame {start} has no mask: start where a mask was added")
-        yield from self._forward(state, start)
+        if direction == "forward":
+            first = min(state.masks) if start is None else start
+            frames = (f for f in state.source if f.index >= first)
+            yield from self._pass(self._embedded(frames), state.masks, state.objects)
+        elif direction == "backward":
+            last = max(state.masks) if start is None else start
+            with FrameStore(store_dir) as store:
+                for frame, features in self._embedded(self._until(state.source, last)):
+                    store.put(frame, features)
+                frames = ((store.frame(i), store.features(i)) for i in range(last, -1, -1))
+                yield from self._pass(frames, state.masks, state.objects)
+        else:
+            if start is not None:
+                raise InputError("direction 'both' covers the whole video: give no start frame")
+            yield from self._both(state, store_dir)
 
     def mask_labels(
         self, mask: np.ndarray, image_size: tuple[int, int]
@@ -164,28 +200,53 @@ class VideoPropagator:
         small = resize_labels(mask, (input_h // patch, input_w // patch))
         return object_ids.one_hot(small), object_ids
 
-    def _forward(self, state: PropagationState, start: int) -> Iterator[FrameResult]:
+    def labels(
+        self, soft: torch.Tensor, object_ids: ObjectIds, size: tuple[int, int]
+    ) -> np.ndarray:
+        """Object ids (H, W) at the frame size from a (C, h, w) soft map (the reference's
+        upsampling, normalisation and argmax, then nearest resizing)."""
+        channels = labels_from_soft(soft, self.features.patch_size).cpu().numpy()
+        return resize_labels(object_ids.to_ids(channels), size)
+
+    def _embedded(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, torch.Tensor]]:
+        """(frame, patch features) in order: the one place frames meet the backbone."""
+        for frame in frames:  # contiguous: stored features come back contiguous, bit for bit
+            yield frame, self.features(frame).contiguous()
+
+    @staticmethod
+    def _until(source: FrameSource, last: int) -> Iterator[Frame]:
+        for frame in source:
+            yield frame
+            if frame.index >= last:
+                return
+
+    def _pass(
+        self,
+        frames: Iterable[tuple[Frame, torch.Tensor]],
+        masks: Mapping[int, np.ndarray],
+        objects: Mapping[int, frozenset[int]],
+    ) -> Iterator[FrameResult]:
+        """One propagation over ``frames`` (in processing order, starting on a keyframe):
+        the first frame's annotation is the first reference; later keyframes correct, add
+        objects and become references."""
         engine = LabelPropagator(self.config)
         object_ids: ObjectIds | None = None
-        patch = self.features.patch_size
-        for frame in state.source:
-            if frame.index < start:
-                continue
-            features = self.features(frame)
+        for frame, features in frames:
             size = frame.image.shape[:2]
-            mask = state.masks.get(frame.index)
+            mask = masks.get(frame.index)
             if object_ids is None:  # the start frame: its annotation is the first reference
-                labels, object_ids = self.mask_labels(state.masks[start], size)
+                if mask is None:
+                    raise InputError(f"frame {frame.index} has no mask: start on a keyframe")
+                labels, object_ids = self.mask_labels(mask, size)
                 if labels.shape[1:] != features.shape[:2]:
                     raise InputError(f"feature grid {tuple(features.shape[:2])} != mask grid")
                 engine.reset(features, labels.to(features.device))
                 yield FrameResult(frame.index, frame.name, mask, None, object_ids, frame.image)
                 continue
             soft = engine.predict(features) if mask is not None else engine.step(features)
-            channels = labels_from_soft(soft, patch).cpu().numpy()
-            ids = resize_labels(object_ids.to_ids(channels), size)
+            ids = self.labels(soft, object_ids, size)
             if mask is not None:  # a keyframe: correct, add objects, keep as a reference
-                ids = merge_keyframe(ids, mask, state.objects[frame.index])
+                ids = merge_keyframe(ids, mask, objects[frame.index])
                 new = [i for i in ObjectIds.from_mask(mask).ids if i not in object_ids.ids]
                 if new:
                     object_ids = ObjectIds((*object_ids.ids, *new))
@@ -195,3 +256,75 @@ class VideoPropagator:
                 engine.add_reference(features, labels.to(features.device))
                 soft = None
             yield FrameResult(frame.index, frame.name, ids, soft, object_ids, frame.image)
+
+    def _both(self, state: PropagationState, store_dir: str | Path | None) -> Iterator[FrameResult]:
+        keyframes = sorted(state.masks)
+        first, last = keyframes[0], keyframes[-1]
+        with FrameStore(store_dir) as store:
+            # Pass 1: embed every frame once; propagate forward from the first keyframe.
+            embedded = self._stored(self._embedded(state.source), store, first, last)
+            forward_ids: dict[int, ObjectIds] = {}
+            finished: dict[int, np.ndarray] = {}  # keyframe outputs
+            for result in self._pass(embedded, state.masks, state.objects):
+                if result.index > last:
+                    yield result
+                    continue
+                forward_ids[result.index] = result.object_ids
+                if result.soft is None:
+                    finished[result.index] = result.labels
+                else:
+                    store.save_tensor(f"{result.index}.forward", result.soft)
+            # Pass 2: backward from the last keyframe over the stored frames; each keyframe
+            # is its final (forward) output, authoritative for every object.
+            every_object = frozenset(forward_ids[last].ids[1:])
+            authoritative = dict.fromkeys(keyframes, every_object)
+            frames = ((store.frame(i), store.features(i)) for i in range(last, -1, -1))
+            for result in self._pass(frames, finished, authoritative):
+                index = result.index
+                if index in finished:  # a keyframe's output is the forward pass's
+                    ids = forward_ids[index]
+                    yield FrameResult(index, result.name, finished[index], None, ids, result.image)
+                    continue
+                if index < first:  # only the first keyframe's objects exist before it
+                    ids = forward_ids[first]
+                    empty = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])
+                    soft = fuse_soft_maps(empty, ids, result.soft, result.object_ids, 0.0)
+                    labels = self.labels(soft, ids, result.image.shape[:2])
+                    yield FrameResult(index, result.name, labels, soft, ids, result.image)
+                    continue
+                before = max(k for k in keyframes if k < index)
+                after = min(k for k in keyframes if k > index)
+                weight = (after - index) / (after - before)  # of the forward map
+                ids = forward_ids[index]
+                forward = store.load_tensor(f"{index}.forward")
+                soft = fuse_soft_maps(forward, ids, result.soft, result.object_ids, weight)
+                labels = self.labels(soft, ids, result.image.shape[:2])
+                yield FrameResult(index, result.name, labels, soft, ids, result.image)
+
+    @staticmethod
+    def _stored(
+        embedded: Iterator[tuple[Frame, torch.Tensor]], store: FrameStore, first: int, last: int
+    ) -> Iterator[tuple[Frame, torch.Tensor]]:
+        """Store the frames up to ``last``; pass on those from ``first``."""
+        for frame, features in embedded:
+            if frame.index <= last:
+                store.put(frame, features)
+            if frame.index >= first:
+                yield frame, features
+
+
+def fuse_soft_maps(
+    forward: torch.Tensor,
+    forward_ids: ObjectIds,
+    backward: torch.Tensor,
+    backward_ids: ObjectIds,
+    forward_weight: float,
+) -> torch.Tensor:
+    """``forward_weight * forward + (1 - forward_weight) * backward`` in the forward map's
+    channel order. Backward channels of objects the forward map does not have yet (objects that
+    enter at a later keyframe) are dropped: an object is absent before its first keyframe."""
+    aligned = torch.zeros_like(forward)
+    for channel, object_id in enumerate(backward_ids.ids):
+        if object_id in forward_ids.ids:
+            aligned[forward_ids.ids.index(object_id)] = backward[channel]
+    return forward_weight * forward + (1.0 - forward_weight) * aligned

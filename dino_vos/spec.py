@@ -8,6 +8,7 @@ needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#fra
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,21 @@ class ResizeSpec:
 
     def key(self) -> str:
         return f"{self.rule}-{self.short_side}"
+
+#: Which way propagation runs from the keyframes (docs/protocol.md#keyframes).
+Direction = Literal["forward", "backward", "both"]
+DIRECTIONS: tuple[str, ...] = ("forward", "backward", "both")
+
+
+def frames_covered(num_frames: int, keyframes: Iterable[int], direction: Direction) -> int:
+    """How many frames a run writes: from the first keyframe on (forward), up to the last one
+    (backward) or all of them (both)."""
+    indices = sorted(keyframes)
+    if direction == "forward":
+        return num_frames - indices[0]
+    if direction == "backward":
+        return indices[-1] + 1
+    return num_frames
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_propagation import ColourFeatures
 
 from dino_vos.errors import InputError
@@ -77,8 +78,12 @@ def test_masks_are_checked_and_reset(clip, tmp_path: Path):
     assert ids.ids == (0, 1, 4)
     with pytest.raises(InputError, match="frame 3 has no mask"):
         next(predictor.propagate(state, start=3))
-    with pytest.raises(InputError, match="backward propagation is not supported yet"):
-        next(predictor.propagate(state, reverse=True))
+    with pytest.raises(InputError, match="unknown direction 'sideways'"):
+        next(predictor.propagate(state, direction="sideways"))
+    with pytest.raises(InputError, match="reverse=True contradicts direction='both'"):
+        next(predictor.propagate(state, reverse=True, direction="both"))
+    with pytest.raises(InputError, match="direction 'both' covers the whole video"):
+        next(predictor.propagate(state, start=0, direction="both"))
     predictor.add_mask(state, 6, clip.masks[6])
     assert sorted(state.masks) == [0, 6] and state.objects[6] == {1, 4}
     predictor.reset_state(state)
@@ -177,3 +182,131 @@ def test_cli_keyframes_from_masks_and_a_sparse_folder(clip, tiny_weights, tmp_pa
         )
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Backbone:" not in result.output
+
+
+def test_backward_from_the_last_frame_is_forward_on_the_reversed_clip(clip, tmp_path: Path):
+    source = CountingSource(list(clip.frames))
+    predictor = VideoPropagator(ColourFeatures(), CONFIG)
+    state = predictor.init_state(source)
+    predictor.add_mask(state, 9, clip.masks[9])
+    backward = list(predictor.propagate(state, direction="backward", store_dir=tmp_path))
+    assert [r.index for r in backward] == list(range(9, -1, -1))
+    assert source.decoded == 10  # one decoding pass; the frames are read back from the store
+    assert list(tmp_path.iterdir()) == []  # and the store is gone
+    mirror = VideoPropagator(ColourFeatures(), CONFIG)
+    mirror_state = mirror.init_state(list(clip.frames[::-1]))
+    mirror.add_mask(mirror_state, 0, clip.masks[9])
+    forward = list(mirror.propagate(mirror_state))
+    for result, expected in zip(backward, forward, strict=True):
+        assert np.array_equal(result.labels, expected.labels)
+        assert np.array_equal(result.image, expected.image)
+        assert (result.soft is None) == (expected.soft is None)
+        assert result.soft is None or torch.equal(result.soft, expected.soft)
+    assert [r.index for r in predictor.propagate(state, reverse=True, start=9)][-1] == 0
+
+
+def test_backward_applies_keyframes_in_its_own_order(clip):
+    """Mirror of an object entering later: object 4 is annotated only at frame 3, so going
+    backward from frame 9 it is absent from frames 9..4 and tracked from frame 3 down."""
+    last = np.where(clip.masks[9] == 4, 0, clip.masks[9]).astype(np.uint8)
+    entering = np.where(clip.masks[3] == 4, 4, 0).astype(np.uint8)
+    predictor = VideoPropagator(ColourFeatures(), CONFIG)
+    state = predictor.init_state(list(clip.frames))
+    predictor.add_mask(state, 9, last)
+    predictor.add_mask(state, 3, entering)
+    results = {r.index: r for r in predictor.propagate(state, direction="backward")}
+    assert sorted(results) == list(range(10))
+    assert all(4 not in np.unique(results[t].labels) for t in range(4, 10))
+    assert np.array_equal(results[3].labels == 4, entering == 4)
+    assert min(_jaccard(results[t].labels, clip.masks[t], 4) for t in range(3)) > 0.7
+
+
+def _drifting_clip(num_frames: int = 12, size: tuple[int, int] = (40, 64)):
+    """A square that moves right while its colour turns from red to blue, on grey noise."""
+    rng = np.random.default_rng(0)
+    frames, masks = [], []
+    for t in range(num_frames):
+        image = np.clip(rng.normal(128, 6, (*size, 3)), 0, 255)
+        mask = np.zeros(size, np.uint8)
+        x, y = 6 + 3 * t, 14
+        mix = t / (num_frames - 1)
+        image[y : y + 12, x : x + 12] = (230 * (1 - mix) + 25 * mix, 25, 25 * (1 - mix) + 230 * mix)
+        mask[y : y + 12, x : x + 12] = 1
+        frames.append(image.astype(np.uint8))
+        masks.append(mask)
+    return frames, masks
+
+
+def test_both_directions_beat_either_one_on_a_drifting_object():
+    frames, masks = _drifting_clip()
+    last = len(frames) - 1
+    config = PropagationConfig(radius=4, tile=8, context=0)
+    scores = {}
+    for direction in ("forward", "backward", "both"):
+        predictor = VideoPropagator(ColourFeatures(), config)
+        state = predictor.init_state(frames)
+        predictor.add_mask(state, 0, masks[0])
+        predictor.add_mask(state, last, masks[last])
+        results = {r.index: r for r in predictor.propagate(state, direction=direction)}
+        assert sorted(results) == list(range(len(frames)))
+        assert np.array_equal(results[0].labels, masks[0])
+        assert np.array_equal(results[last].labels, masks[last])
+        scores[direction] = np.mean(
+            [_jaccard(results[t].labels, masks[t], 1) for t in range(1, last)]
+        )
+    assert scores["both"] >= max(scores["forward"], scores["backward"]) + 0.05, scores
+
+
+def test_both_keeps_objects_absent_before_their_first_keyframe(clip):
+    first = np.where(clip.masks[2] == 4, 0, clip.masks[2]).astype(np.uint8)
+    entering = np.where(clip.masks[6] == 4, 4, 0).astype(np.uint8)
+    predictor = VideoPropagator(ColourFeatures(), CONFIG)
+    state = predictor.init_state(list(clip.frames))
+    predictor.add_mask(state, 2, first)
+    predictor.add_mask(state, 6, entering)
+    order = [r.index for r in predictor.propagate(state, direction="both")]
+    assert order == [7, 8, 9, 6, 5, 4, 3, 2, 1, 0]  # final after the last keyframe, then backward
+    results = {r.index: r for r in predictor.propagate(state, direction="both")}
+    assert all(4 not in np.unique(results[t].labels) for t in range(6))
+    assert np.array_equal(results[2].labels, first)
+    assert np.array_equal(results[6].labels == 4, entering == 4)
+    assert _jaccard(results[6].labels, clip.masks[6], 1) > 0.8  # object 1 kept at the keyframe
+    assert min(_jaccard(results[t].labels, clip.masks[t], 1) for t in (0, 1)) > 0.7  # backward
+    assert results[4].object_ids.ids == (0, 1) and results[4].soft.shape[0] == 2
+
+
+def test_cli_direction_writes_every_frame_and_an_ordered_overlay(clip, tiny_weights, tmp_path):
+    from click.testing import CliRunner
+
+    from dino_vos.cli import main
+    from dino_vos.masks import read_mask, write_indexed_png
+    from dino_vos.sources import open_source
+
+    frames, _ = clip.write(tmp_path / "clip")
+    write_indexed_png(tmp_path / "last.png", clip.masks[9])
+    write_indexed_png(tmp_path / "mid.png", clip.masks[4])
+    common = ["--weights", str(tiny_weights), "--short-side", "48", "--device", "cpu"]
+    runs = {
+        "backward": (["--mask", f"9={tmp_path / 'last.png'}"], range(10)),
+        "both": (["--mask", f"4={tmp_path / 'mid.png'}", "--mask", f"9={tmp_path / 'last.png'}"],
+                 range(10)),
+    }  # fmt: skip
+    for direction, (given, written) in runs.items():
+        out, overlay = tmp_path / direction, tmp_path / f"{direction}.mp4"
+        result = CliRunner().invoke(
+            main,
+            ["propagate", str(frames), *given, "--direction", direction, "--out", str(out),
+             "--overlay", str(overlay), *common],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "dino-vos.json").read_text())
+        assert manifest["direction"] == direction and manifest["object_ids"] == [0, 1, 4]
+        assert sorted(p.name for p in out.glob("*.png")) == [f"{t:05d}.png" for t in written]
+        assert manifest["frames"] == len(written)
+        assert np.array_equal(read_mask(out / "00009.png"), clip.masks[9])
+        video = open_source(overlay)
+        assert len(video) == 10
+        # the overlay follows the frames' order: its first frame shows frame 0's mask
+        first = next(iter(video)).image.astype(int)
+        blended_0 = np.asarray(clip.frames[0], int)
+        assert np.abs(first - blended_0).mean() < np.abs(first - np.asarray(clip.frames[9])).mean()

@@ -19,7 +19,7 @@ from dino_vos.console import console, progress_bar
 from dino_vos.defaults import DEMO_OUTPUTS, DEMO_SIZE
 from dino_vos.errors import DinoVosError
 from dino_vos.outputs import check_out_dir, check_outputs, foreign_entries, is_result_folder
-from dino_vos.spec import BackboneSpec, PropagationConfig
+from dino_vos.spec import DIRECTIONS, BackboneSpec, Direction, PropagationConfig, frames_covered
 
 
 def is_previous_demo(folder: Path) -> bool:
@@ -67,6 +67,14 @@ def _run_metadata(features: Any) -> dict[str, Any]:
     default=None,
     help="Also save soft label maps per frame (float16) under OUT/probs/.",
 )
+@click.option(
+    "--direction",
+    type=click.Choice(DIRECTIONS),
+    default="forward",
+    show_default=True,
+    help="forward from the first keyframe; backward from the last one towards frame 0; both: "
+    "every frame, fusing the two directions between keyframes (docs/protocol.md#keyframes).",
+)
 @max_frames_option
 @overwrite_option
 @with_backbone_spec
@@ -76,6 +84,7 @@ def propagate(
     masks_dir: Path | None,
     out_dir: Path,
     config: PropagationConfig,
+    direction: Direction,
     overlay: Path | None,
     save_probs: str | None,
     max_frames: int | None,
@@ -84,7 +93,8 @@ def propagate(
 ) -> None:
     """Propagate the annotated masks through INPUT (a video file or a folder of frames).
 
-    The first annotated frame starts the run; masks on later frames are keyframes.
+    The first annotated frame starts the run (the last one with --direction backward); masks
+    on other frames are keyframes.
     """
     from dino_vos.masks import parse_mask_entry, read_keyframes
     from dino_vos.sources import open_source
@@ -100,14 +110,15 @@ def propagate(
     from dino_vos.api import propagate_to_folder
 
     names = source.frame_names()
+    total = frames_covered(len(source), keyframes, direction)
     console.print(
-        f"Propagating {len(source) - min(keyframes)} frames of {input_path} from keyframe"
+        f"Propagating {total} frames of {input_path} {direction} from keyframe"
         f"{'s' * (len(keyframes) > 1)} {', '.join(names[i] for i in sorted(keyframes))} "
         f"into {out_dir}"
     )
     features = spec.build(announce=True)
     with progress_bar("frames") as progress:
-        task = progress.add_task("Propagating", total=len(source) - min(keyframes))
+        task = progress.add_task("Propagating", total=total)
         summary = propagate_to_folder(
             source,
             keyframes,
@@ -119,6 +130,7 @@ def propagate(
             on_frame=lambda _: progress.advance(task),
             metadata=_run_metadata(features),
             overwrite=overwrite,
+            direction=direction,
         )
     objects = len(summary.object_ids) - 1
     extra = f", overlay {summary.overlay}" if summary.overlay else ""
