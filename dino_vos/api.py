@@ -49,6 +49,7 @@ def propagate_to_folder(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     direction: Direction = "forward",
+    complete_keyframes: bool = False,
 ) -> PropagationSummary:
     """Segment ``source`` from the first frame's ``mask`` (or from keyframes: a mapping of frame
     index to mask); write a PNG per frame to ``out_dir``: from the first keyframe on
@@ -59,14 +60,18 @@ def propagate_to_folder(
     ``dino-vos.json`` manifest last; ``out_dir`` and ``overlay`` follow the rules of
     :mod:`dino_vos.outputs` (``overwrite`` allows a non-empty folder that is not a dino-vos
     result). ``on_start`` receives the frame count and ``on_frame`` every :class:`FrameResult`
-    (for progress bars).
+    (for progress bars). ``complete_keyframes``: every keyframe shows all the objects there are
+    (benchmark ground truth), so an object it does not show is absent there; by default a
+    keyframe speaks only for the objects it shows (see docs/protocol.md#keyframes).
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
     keyframes = dict(mask) if isinstance(mask, Mapping) else {0: mask}
     predictor = VideoPropagator(features, config)
     state = predictor.init_state(frames)
-    for index, annotation in sorted(keyframes.items()):
-        predictor.add_mask(state, index, read_annotation(annotation, frames, index))
+    annotations = {i: read_annotation(m, frames, i) for i, m in sorted(keyframes.items())}
+    every_object = {int(v) for mask in annotations.values() for v in np.unique(mask)}
+    for index, annotation in annotations.items():
+        predictor.add_mask(state, index, annotation, every_object if complete_keyframes else None)
     object_ids: tuple[int, ...] = ()
     inputs = [frames.path, *(m for m in keyframes.values() if isinstance(m, (str, Path)))]
     with OutputSink(out_dir, overlay, frames.fps, overwrite, inputs) as sink:
@@ -109,4 +114,3 @@ def propagate_to_folder(
     return PropagationSummary(
         Path(out_dir), len(sink.masks), object_ids, seconds, sink.overlay, settings
     )
-

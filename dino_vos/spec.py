@@ -69,6 +69,7 @@ class ResizeSpec:
     def key(self) -> str:
         return f"{self.rule}-{self.short_side}"
 
+
 #: Which way propagation runs from the keyframes (docs/protocol.md#keyframes).
 Direction = Literal["forward", "backward", "both"]
 DIRECTIONS: tuple[str, ...] = ("forward", "backward", "both")
@@ -83,6 +84,52 @@ def frames_covered(num_frames: int, keyframes: Iterable[int], direction: Directi
     if direction == "backward":
         return indices[-1] + 1
     return num_frames
+
+
+@dataclass(frozen=True)
+class KeyframeSchedule:
+    """Which frames of a benchmark sequence get their ground truth as a keyframe (simulated
+    corrections): ``every:N`` (frames 0, N, 2N, ...) or a list of indices such as ``0,20,45``.
+    Frame 0 is always one: it starts the run, as in the standard protocol."""
+
+    every: int | None = None
+    frames: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> KeyframeSchedule:
+        text = text.strip()
+        try:
+            if text.startswith("every:"):
+                every = int(text.removeprefix("every:"))
+                if every < 1:
+                    raise ValueError
+                return cls(every=every)
+            frames = tuple(sorted({0, *(int(part) for part in text.split(",") if part.strip())}))
+            if frames[0] < 0:
+                raise ValueError
+            return cls(frames=frames)
+        except ValueError:
+            raise ValueError(
+                f"cannot read keyframes {text!r}: give every:N (N >= 1) or frame indices such as "
+                "0,20,45"
+            ) from None
+
+    def indices(self, num_frames: int) -> list[int]:
+        """Keyframe indices within a sequence of ``num_frames`` frames."""
+        if self.every is not None:
+            return list(range(0, num_frames, self.every))
+        return [i for i in self.frames if i < num_frames]
+
+    def tag(self) -> str:
+        """A file-name-safe name: ``every20`` or ``frames0-20-45``."""
+        if self.every is not None:
+            return f"every{self.every}"
+        return "frames" + "-".join(map(str, self.frames))
+
+    def __str__(self) -> str:
+        if self.every is not None:
+            return f"every:{self.every}"
+        return ",".join(map(str, self.frames))
 
 
 @dataclass(frozen=True)

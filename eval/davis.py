@@ -31,10 +31,11 @@ from dino_vos.eval.cache import CacheStats, FeatureCache
 from dino_vos.eval.davis_data import DavisSequence, read_results
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
 from dino_vos.features import BackboneFeatures
+from dino_vos.masks import read_mask
 from dino_vos.outputs import is_result_folder, read_manifest
 from dino_vos.propagation import PropagationConfig
 from dino_vos.sources import FolderSource
-from dino_vos.spec import BackboneSpec
+from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule
 
 
 @dataclass
@@ -72,6 +73,12 @@ class RunSettings:
     ignore_void: bool = False
     bound_th: float = BOUNDARY_THRESHOLD
     overwrite: bool = False  # allow sequence folders that are not dino-vos results
+    keyframes: KeyframeSchedule | None = None  # simulated corrections (not the standard protocol)
+    direction: Direction = "forward"
+
+    def keyframe_indices(self, sequence: DavisSequence) -> list[int]:
+        """Frames whose ground truth is given: 0, plus the schedule's."""
+        return self.keyframes.indices(len(sequence.stems)) if self.keyframes else [0]
 
 
 def score_sequence(
@@ -79,11 +86,15 @@ def score_sequence(
     results_dir: str | Path,
     ignore_void: bool = False,
     bound_th: float = BOUNDARY_THRESHOLD,
+    keyframes: Sequence[int] = (0,),
 ) -> list[ObjectScores]:
-    """Per-object J and F of ``results_dir/<seq>/*.png`` on the sequence's scored frames."""
-    gt = sequence.read_annotations()
+    """Per-object J and F of ``results_dir/<seq>/*.png`` on the sequence's scored frames (all
+    but the first and the last, as the official tool) that are not ``keyframes``."""
+    given = {sequence.stems[i] for i in keyframes}
+    stems = [stem for stem in sequence.scored_stems if stem not in given]
+    gt = sequence.read_annotations(stems)
     num_objects = sequence.num_objects()
-    pred = read_results(results_dir, sequence, num_objects, gt.shape[1:])
+    pred = read_results(results_dir, sequence, num_objects, gt.shape[1:], stems)
     j, f = score_frames(gt, pred, num_objects, ignore_void, bound_th)
     return [ObjectScores(sequence.name, k + 1, j[k], f[k]) for k in range(num_objects)]
 
@@ -121,6 +132,8 @@ class SequenceEvaluator:
             "weights_fingerprint": self.fingerprint,
             "pos_embed": backbone.pos_embed_mode,
             "resize": self.features.resize.key(),
+            "keyframes": [sequence.stems[i] for i in self.settings.keyframe_indices(sequence)],
+            "direction": self.settings.direction,
         }
 
     def is_up_to_date(self, sequence: DavisSequence) -> bool:
@@ -135,15 +148,19 @@ class SequenceEvaluator:
     def write_masks(
         self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None
     ) -> tuple[float, CacheStats]:
-        """Propagate the first annotation into ``RESULTS/<seq>/``; returns (seconds, cache hits)."""
+        """Propagate the first annotation (and the keyframes' ground truth, when asked) into
+        ``RESULTS/<seq>/``; returns (seconds, cache hits)."""
 
         assert self.features is not None
         extractor = self.cache.for_sequence(sequence.name) if self.cache else self.features
         before = CacheStats(**asdict(self.cache.stats)) if self.cache else CacheStats()
         source = FolderSource(sequence.frames_dir, limit=len(sequence.frames))
+        keyframes = {
+            i: read_mask(sequence.annotations[i]) for i in self.settings.keyframe_indices(sequence)
+        }
         summary = propagate_to_folder(
             source,
-            sequence.first_mask(),
+            keyframes,
             self.settings.results_dir / sequence.name,
             extractor,
             self.settings.config,
@@ -154,6 +171,8 @@ class SequenceEvaluator:
                 "sequence": sequence.name,
             },
             overwrite=self.settings.overwrite,
+            direction=self.settings.direction,
+            complete_keyframes=True,
         )
         delta = CacheStats()
         if self.cache is not None:
@@ -174,7 +193,11 @@ class SequenceEvaluator:
                 seconds, cache = self.write_masks(sequence, on_frame)
                 frames, status = len(sequence.frames), "propagated"
         objects = score_sequence(
-            sequence, self.settings.results_dir, self.settings.ignore_void, self.settings.bound_th
+            sequence,
+            self.settings.results_dir,
+            self.settings.ignore_void,
+            self.settings.bound_th,
+            self.settings.keyframe_indices(sequence),
         )
         return SequenceResult(sequence.name, objects, frames, seconds, status, cache)
 

@@ -87,14 +87,19 @@ def _read_stack(paths: Sequence[Path], what: str) -> np.ndarray:
 
 
 def read_results(
-    results_dir: str | Path, sequence: DavisSequence, num_objects: int, shape: tuple[int, int]
+    results_dir: str | Path,
+    sequence: DavisSequence,
+    num_objects: int,
+    shape: tuple[int, int],
+    stems: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """(T, H, W) predicted ids of the scored frames from ``results_dir/<seq>/<stem>.png``.
+    """(T, H, W) predicted ids of ``stems`` (default: the scored frames) from
+    ``results_dir/<seq>/<stem>.png``.
 
     Ids above ``num_objects`` (including 255) are errors; missing objects are simply absent.
     """
     folder = Path(results_dir) / sequence.name
-    paths = [folder / f"{stem}.png" for stem in sequence.scored_stems]
+    paths = [folder / f"{stem}.png" for stem in (sequence.scored_stems if stems is None else stems)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise InputError(

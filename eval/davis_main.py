@@ -34,7 +34,7 @@ from dino_vos.outputs import (
     listed_outputs,
     read_manifest,
 )
-from dino_vos.spec import BackboneSpec, PropagationConfig
+from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 #: The ``format`` of the manifest ``eval davis`` keeps in its report folder.
 RUN_FORMAT = "dino-vos-davis"
@@ -59,10 +59,21 @@ class DavisJob:
     max_frames: int | None = None
     ignore_void: bool = False
     overwrite: bool = False
+    keyframes: KeyframeSchedule | None = None
+    direction: Direction = "forward"
 
     @property
     def scoring_only(self) -> bool:
         return self.results_dir is not None
+
+    @property
+    def report_label(self) -> str:
+        """The split, or for simulated corrections the split and the schedule: the reports of
+        another protocol never take the standard reports' names."""
+        if self.keyframes is None and self.direction == "forward":
+            return self.split
+        label = f"{self.split}-keyframes-{self.keyframes.tag() if self.keyframes else 'first'}"
+        return label if self.direction == "forward" else f"{label}-{self.direction}"
 
     @property
     def report_dir(self) -> Path:
@@ -80,6 +91,8 @@ class DavisJob:
             "propagation": None if self.scoring_only else self.config.to_dict(),
             "max_frames": self.max_frames,
             "ignore_void": self.ignore_void,
+            "keyframes": str(self.keyframes) if self.keyframes else None,
+            "direction": self.direction,
         }
 
 
@@ -105,7 +118,7 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
         check_not_an_input(out, inputs, "--out")
         check_writable(out, "--out")
         ours = listed_outputs(read_manifest(out)) if is_davis_result(out) else set()
-        reports = [path.name for path in output_paths(out, dataset.split).values()]
+        reports = [path.name for path in output_paths(out, job.report_label).values()]
         clashes = [name for name in reports if (out / name).exists() and name not in ours]
         if clashes:
             raise InputError(
@@ -179,6 +192,8 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         cache_dir=job.cache_dir,
         ignore_void=job.ignore_void,
         overwrite=job.overwrite,
+        keyframes=job.keyframes,
+        direction=job.direction,
     )
     frames = sum(len(s.annotations) for s in dataset)
     if job.sequences:
@@ -191,6 +206,8 @@ def run_davis(job: DavisJob) -> DavisRun | None:
         f"DAVIS {job.split}: {len(dataset)} sequences, {frames} frames ({source})"
         + (f", rank {rank} of {world}" if world > 1 else "")
     )
+    if job.report_label != job.split:
+        console.print(f"Protocol: {_protocol(job)}")
     features = None if job.scoring_only else job.spec.build(announce=True)  # type: ignore[arg-type]
     shard_frames = sum(len(s.annotations) for s in shard_sequences(dataset.sequences, rank, world))
     with progress_bar("frames") as progress:
@@ -208,8 +225,8 @@ def run_davis(job: DavisJob) -> DavisRun | None:
     if run is None:
         return None
     payload = _payload(run, dataset, job, features, world)
-    _write_outputs(out_dir, dataset.split, run, payload)
-    reports = [path.name for path in output_paths(out_dir, dataset.split).values()]
+    _write_outputs(out_dir, job.report_label, run, payload)
+    reports = [path.name for path in output_paths(out_dir, job.report_label).values()]
     atomic_write_json(
         out_dir / MANIFEST_NAME,
         {"format": RUN_FORMAT, "status": "complete", "run": job.run_key(), "outputs": reports},
@@ -236,6 +253,7 @@ def _payload(
         "boundary_threshold": BOUNDARY_THRESHOLD,
         "workers": job.workers,
         "world_size": world,
+        "protocol": _protocol(job),
     }
     if features is None:
         settings["results_dir"] = str(job.results_dir)
@@ -275,6 +293,15 @@ def _payload(
         ),
         "settings": settings,
     }
+
+
+def _protocol(job: DavisJob) -> str:
+    if job.keyframes is None and job.direction == "forward":
+        return "standard: first-frame ground truth, forward"
+    return (
+        f"simulated corrections (not the standard protocol): ground truth of frames "
+        f"{job.keyframes or '0'} given, propagation {job.direction}; those frames are not scored"
+    )
 
 
 def _write_outputs(out_dir: Path, split: str, run: DavisRun, payload: dict[str, Any]) -> None:

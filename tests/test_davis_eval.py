@@ -404,3 +404,38 @@ def test_real_ground_truth_against_itself_and_shifted(tmp_path):
             # thin structures (paraglider lines: about 0.6)
             assert 0.5 < j_mean < 1.0 and f_mean > 0.99 and j_mean < f_mean
     assert objects == 10
+
+
+def test_keyframes_simulate_corrections_reported_apart(davis_root, tiny_weights, reference_run):
+    out = reference_run["base"] / "keyframes"
+    cache = ("--cache", reference_run["cache"])
+    result = invoke(*run_args(davis_root, tiny_weights, out), *cache, "--keyframes", "every:4")
+    assert result.exit_code == 0, result.output
+    assert "not the standard protocol" in result.output
+    assert not (out / "davis_results-val.json").exists()  # never under the standard names
+    data = json.loads((out / "davis_results-val-keyframes-every4.json").read_text())
+    assert "simulated corrections" in data["settings"]["protocol"]
+    for name, (style, objects, frames, _) in SEQUENCES.items():
+        manifest = json.loads((out / name / MANIFEST_NAME).read_text())
+        assert manifest["keyframes"] == [f"{t:05d}" for t in range(0, frames, 4)]
+        sequence = DavisDataset(davis_root, "val").sequences[list(SEQUENCES).index(name)]
+        gt = sequence.read_annotations(sequence.stems)
+        pred = np.stack([read_mask(out / name / f"{s}.png") for s in sequence.stems])
+        for t in range(0, frames, 4):  # a keyframe's output is its ground truth, exactly
+            assert np.array_equal(pred[t], gt[t])
+        scored = [t for t in range(1, frames - 1) if t % 4]  # keyframes are not scored
+        j, f = score_frames(gt[scored], pred[scored], objects)
+        reported = [o for o in data["objects"] if o["sequence"] == name]
+        assert [o["J-Mean"] for o in reported] == pytest.approx(np.nanmean(j, axis=1).tolist())
+    standard = json.loads((reference_run["first"] / "davis_results-val.json").read_text())
+    assert data["global"]["J&F-Mean"] > standard["global"]["J&F-Mean"]  # corrections help
+    both = invoke(
+        *run_args(davis_root, tiny_weights, out), *cache, "--keyframes", "every:4",
+        "--direction", "both", "--sequences", "gamma",
+    )  # fmt: skip
+    assert both.exit_code == 0, both.output
+    assert (out / "davis_results-val-keyframes-every4-both.json").is_file()
+    assert json.loads((out / "gamma" / MANIFEST_NAME).read_text())["direction"] == "both"
+    for bad, message in (("every:0", "cannot read keyframes 'every:0'"), ("1,x", "every:N")):
+        result = invoke(*run_args(davis_root, tiny_weights, out), "--keyframes", bad)
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from dino_vos.cli.options import overwrite_option, propagation_options, with_backbone_spec
-from dino_vos.spec import BackboneSpec, PropagationConfig
+from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 
 @click.command("davis")
@@ -66,6 +66,21 @@ from dino_vos.spec import BackboneSpec, PropagationConfig
     help="Exclude ground-truth 255 pixels from J and F (the official tool counts them as "
     "background).",
 )
+@click.option(
+    "--keyframes",
+    default=None,
+    metavar="every:N|LIST",
+    help="Simulate corrections: give the ground truth of every N-th frame (or of the listed "
+    "frame indices) as keyframes. Reported separately (report names get -keyframes-...); those "
+    "frames are not scored. Not the standard protocol.",
+)
+@click.option(
+    "--direction",
+    type=click.Choice(["forward", "both"]),
+    default="forward",
+    show_default=True,
+    help="both: fuse forward and backward propagation between keyframes (with --keyframes).",
+)
 @overwrite_option
 @with_backbone_spec(seed=True)
 def davis(
@@ -81,6 +96,8 @@ def davis(
     workers: int,
     max_frames: int | None,
     ignore_void: bool,
+    keyframes: str | None,
+    direction: Direction,
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
@@ -93,6 +110,12 @@ def davis(
     """
     from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
 
+    try:
+        schedule = KeyframeSchedule.parse(keyframes) if keyframes is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--keyframes") from None
+    if (schedule is not None or direction != "forward") and results_dir is not None:
+        raise click.UsageError("--keyframes and --direction apply to propagation, not to --results")
     names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
     given = [
         flag
@@ -119,6 +142,8 @@ def davis(
         max_frames=max_frames,
         ignore_void=ignore_void,
         overwrite=overwrite,
+        keyframes=schedule,
+        direction=direction,
     )
     check_job(job, given)
     run_davis(job)
