@@ -50,6 +50,7 @@ def propagate_to_folder(
     overwrite: bool = False,
     direction: Direction = "forward",
     complete_keyframes: bool = False,
+    every_frame: bool = False,
 ) -> PropagationSummary:
     """Segment ``source`` from the first frame's ``mask`` (or from keyframes: a mapping of frame
     index to mask); write a PNG per frame to ``out_dir``: from the first keyframe on
@@ -63,6 +64,8 @@ def propagate_to_folder(
     (for progress bars). ``complete_keyframes``: every keyframe shows all the objects there are
     (benchmark ground truth), so an object it does not show is absent there; by default a
     keyframe speaks only for the objects it shows (see docs/protocol.md#keyframes).
+    ``every_frame``: frames the direction does not reach (before the first keyframe going
+    forward, after the last one going backward) get an empty mask, as benchmark servers expect.
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
     keyframes = dict(mask) if isinstance(mask, Mapping) else {0: mask}
@@ -79,19 +82,25 @@ def propagate_to_folder(
             on_start(frames_covered(len(frames), keyframes, direction))
         start = time.perf_counter()
         names = frames.frame_names()
-        in_order = direction == "forward"
+        # the overlay is written as results come when they come in frame order, else after
+        in_order = direction == "forward" and not (every_frame and min(keyframes) > 0)
         for result in predictor.propagate(state, direction=direction):
             object_ids = tuple(dict.fromkeys((*object_ids, *result.object_ids.ids)))
             sink.write_mask(result.name, result.labels)
             if save_probs and result.soft is not None:
                 sink.write_bytes(
                     f"probs/{result.name}.{save_probs}",
-                    encode_probabilities(result.soft, object_ids, save_probs),
+                    encode_probabilities(result.soft, result.object_ids.ids, save_probs),
                 )
             if sink.overlay is not None and in_order:
                 sink.write_overlay(blend_overlay(result.image, result.labels))
             if on_frame is not None:
                 on_frame(result)
+        if every_frame:  # frames before any object: empty masks
+            empty = np.zeros(frames.frame_size, np.uint8)
+            done = set(sink.masks)
+            for name in [name for name in names if name not in done]:
+                sink.write_mask(name, empty)
         if sink.overlay is not None and not in_order:  # results came out of order
             written = set(sink.masks)
             for frame in frames:

@@ -415,7 +415,7 @@ def test_keyframes_simulate_corrections_reported_apart(davis_root, tiny_weights,
     assert not (out / "davis_results-val.json").exists()  # never under the standard names
     data = json.loads((out / "davis_results-val-keyframes-every4.json").read_text())
     assert "simulated corrections" in data["settings"]["protocol"]
-    for name, (style, objects, frames, _) in SEQUENCES.items():
+    for name, (_, objects, frames, _) in SEQUENCES.items():
         manifest = json.loads((out / name / MANIFEST_NAME).read_text())
         assert manifest["keyframes"] == [f"{t:05d}" for t in range(0, frames, 4)]
         sequence = DavisDataset(davis_root, "val").sequences[list(SEQUENCES).index(name)]

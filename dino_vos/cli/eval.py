@@ -12,6 +12,7 @@ from dino_vos.cli import LazyGroup
     cls=LazyGroup,
     lazy_subcommands={
         "davis": "dino_vos.cli.davis:davis",
+        "youtube-vos": "dino_vos.cli.youtube_vos:youtube_vos",
         "knn": "dino_vos.cli.baselines:knn",
         "linear": "dino_vos.cli.baselines:linear",
         "transfer": "dino_vos.cli.baselines:transfer",

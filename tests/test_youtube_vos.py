@@ -1,0 +1,129 @@
+"""eval youtube-vos on a generated YouTube-VOS-style split with a held-back ground truth."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dino_vos.cli import main
+from dino_vos.eval.davis_metrics import score_frames
+from dino_vos.masks import read_mask, write_indexed_png
+from dino_vos.synthetic import make_clip
+
+#: video -> (frames, objects, {object id: first frame index})
+VIDEOS = {
+    "0a1b2c": (10, 3, {1: 0, 2: 0, 3: 4}),  # object 3 enters at the 5th frame ("00020")
+    "7f8e9d": (8, 1, {1: 2}),  # no object on the first two frames
+}
+
+
+def write_youtube_vos(root: Path) -> dict[str, np.ndarray]:
+    """``root/valid/{JPEGImages,Annotations,meta.json}`` with sparse annotations (each object on
+    its first frame only, as YouTube-VOS valid); returns the held-back full ground truth."""
+    split = root / "valid"
+    meta: dict = {"videos": {}}
+    truth = {}
+    for seed, (video, (frames, objects, starts)) in enumerate(VIDEOS.items()):
+        clip = make_clip(frames, (48, 80), num_objects=objects, seed=seed + 11)
+        names = [f"{5 * t:05d}" for t in range(frames)]  # every 5th frame, as in valid
+        gt = clip.masks.copy()
+        for object_id, start in starts.items():
+            gt[:start][gt[:start] == object_id] = 0  # not there yet
+        (split / "JPEGImages" / video).mkdir(parents=True)
+        (split / "Annotations" / video).mkdir(parents=True)
+        for name, image in zip(names, clip.frames, strict=True):
+            path = split / "JPEGImages" / video / f"{name}.jpg"
+            cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        for start in sorted(set(starts.values())):
+            new = [o for o, s in starts.items() if s == start]
+            sparse = np.where(np.isin(gt[start], new), gt[start], 0).astype(np.uint8)
+            write_indexed_png(split / "Annotations" / video / f"{names[start]}.png", sparse)
+        meta["videos"][video] = {
+            "objects": {
+                str(o): {"category": "thing", "frames": names[s:]} for o, s in starts.items()
+            }
+        }
+        truth[video] = gt
+    (split / "meta.json").write_text(json.dumps(meta))
+    return truth
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("ytvos")
+    return root, write_youtube_vos(root)
+
+
+def run(root: Path, out: Path, weights: Path, *extra: str):
+    args = ["eval", "youtube-vos", "--root", str(root), "--out", str(out), "--weights",
+            str(weights), "--short-side", "48", "--device", "cpu", *extra]  # fmt: skip
+    return CliRunner().invoke(main, args)
+
+
+def test_submission_layout_objects_entering_and_held_back_score(dataset, tiny_weights, tmp_path):
+    root, truth = dataset
+    out = tmp_path / "out"
+    result = run(root, out, tiny_weights)
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(out / "submission.zip") as archive:
+        listed = sorted(archive.namelist())
+    expected = sorted(
+        f"Annotations/{video}/{5 * t:05d}.png" for video, (n, _, _) in VIDEOS.items()
+        for t in range(n)
+    )  # fmt: skip
+    assert listed == expected  # every frame of JPEGImages, nothing else
+    scores = {}
+    for video, (frames, objects, starts) in VIDEOS.items():
+        pred = np.stack([read_mask(out / "Annotations" / video / f"{5 * t:05d}.png")
+                         for t in range(frames)])  # fmt: skip
+        for object_id, start in starts.items():
+            assert not (pred[:start] == object_id).any()  # absent before its first keyframe
+            assert np.array_equal(pred[start] == object_id, truth[video][start] == object_id)
+        # held-back ground truth, scored like DAVIS on the frames after each object's start
+        first = min(starts.values())
+        j, f = score_frames(truth[video][first + 1 :], pred[first + 1 :], objects)
+        static = np.maximum.accumulate(  # baseline: each object's keyframe mask, held still
+            np.stack([np.where(truth[video][t] > 0, truth[video][t], 0) * (t in starts.values())
+                      for t in range(frames)]), axis=0)  # fmt: skip
+        js, fs = score_frames(truth[video][first + 1 :], static[first + 1 :], objects)
+        scores[video] = (np.nanmean(j) + np.nanmean(f)) / 2
+        scores[f"{video} static"] = (np.nanmean(js) + np.nanmean(fs)) / 2
+        assert (out / "Annotations" / video / "dino-vos.json").is_file()
+    assert all(scores[v] > scores[f"{v} static"] + 0.1 for v in VIDEOS), scores  # tracked
+    manifest = json.loads((out / "dino-vos.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["propagated"] == 2
+
+    # resumable: complete videos are reused; a removed one is propagated again
+    import shutil
+
+    shutil.rmtree(out / "Annotations" / "7f8e9d")
+    again = run(root, out, tiny_weights)
+    assert again.exit_code == 0, again.output
+    summary = json.loads((out / "dino-vos.json").read_text())["summary"]
+    assert summary["videos"] == {"0a1b2c": "skipped", "7f8e9d": "propagated"}
+    with zipfile.ZipFile(out / "submission.zip") as archive:
+        assert sorted(archive.namelist()) == expected
+
+
+def test_bad_layouts_fail_in_one_line(dataset, tiny_weights, tmp_path):
+    root, _ = dataset
+    cases = [
+        (tmp_path / "nothing", tmp_path / "o1", "JPEGImages not found"),
+        (root, root / "valid" / "preds", "is inside the input folder"),
+    ]
+    for given_root, out, message in cases:
+        result = run(given_root, out, tiny_weights)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output, result.output
+    broken = tmp_path / "broken"
+    (broken / "valid" / "JPEGImages").mkdir(parents=True)
+    (broken / "valid" / "Annotations").mkdir()
+    (broken / "valid" / "meta.json").write_text("{not json")
+    result = run(broken, tmp_path / "o2", tiny_weights)
+    assert result.exit_code == 2 and "is not a YouTube-VOS meta.json" in result.output
