@@ -32,16 +32,57 @@ from dino_vos.predictor import VideoPropagator
 from dino_vos.sources import FolderSource
 from dino_vos.spec import BackboneSpec, PropagationConfig, ResizeSpec
 
-SEQUENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2017-schoolgirls-240p"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEQUENCE = SHARED / "davis2017-schoolgirls-240p"
+VAL_DEV = SHARED / "davis2016-val-dev"
 
 
-def run(predictor: VideoPropagator, source, keyframes: dict[int, tuple[np.ndarray, object]]):
+def run(
+    predictor: VideoPropagator,
+    source,
+    keyframes: dict[int, tuple[np.ndarray, object]],
+    direction: str = "forward",
+):
+    """Labels of every propagated frame (in frame order) and seconds per frame."""
     state = predictor.init_state(source)
     for index, (mask, objects) in keyframes.items():
         predictor.add_mask(state, index, mask, objects)
     start = time.perf_counter()
-    labels = np.stack([result.labels for result in predictor.propagate(state)])
+    results = sorted(predictor.propagate(state, direction=direction), key=lambda r: r.index)
+    labels = np.stack([result.labels for result in results])
     return labels, (time.perf_counter() - start) / len(labels)
+
+
+def davis_val_dev(spec: BackboneSpec, every: int) -> dict:
+    """eval davis on davis2016-val-dev: standard, --keyframes every:N, and with --direction
+    both, sharing one feature cache (the backbone runs once per frame)."""
+    import tempfile
+
+    from dino_vos.console import console
+    from dino_vos.eval.davis_main import DavisJob, run_davis
+    from dino_vos.spec import KeyframeSchedule
+
+    console.quiet = True  # the JSON report is the output
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {
+            "forward (standard)": (None, "forward"),
+            f"keyframes every:{every}": (KeyframeSchedule(every=every), "forward"),
+            f"keyframes every:{every}, both": (KeyframeSchedule(every=every), "both"),
+        }
+        for name, (keyframes, direction) in variants.items():
+            start = time.perf_counter()
+            job = DavisJob(
+                VAL_DEV, split="val", spec=spec, out_dir=Path(tmp) / "out",
+                cache_dir=Path(tmp) / "cache", keyframes=keyframes, direction=direction,
+            )  # fmt: skip
+            run_davis(job)
+            payload = json.loads((Path(tmp) / "out" / f"davis_results-{job.report_label}.json")
+                                 .read_text())  # fmt: skip
+            report[name] = {
+                key: round(payload["global"][key], 4) for key in ("J&F-Mean", "J-Mean", "F-Mean")
+            } | {"seconds": round(time.perf_counter() - start, 1)}
+    return report
 
 
 def scores(gt: np.ndarray, pred: np.ndarray, objects: list[int], frames: list[int]) -> dict:
@@ -60,6 +101,7 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=240)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--enter", default="2:20,6:40", help="object:frame pairs to introduce")
+    parser.add_argument("--val-dev", action="store_true", help="also eval davis on val-dev")
     args = parser.parse_args()
     if not SEQUENCE.is_dir():
         print(json.dumps({"skipped": f"real data not found at {SEQUENCE}"}))
@@ -97,6 +139,7 @@ def main() -> None:
 
     every = {t: (gt[t], all_ids) for t in range(0, len(gt), args.every)}
     corrected, corrected_spf = run(predictor, source, every)
+    both, both_spf = run(predictor, source, every, "both")
     between = [t for t in range(1, last) if t not in every]
     report = {
         "sequence": "schoolgirls (80 frames, 7 objects, 432x240)",
@@ -106,14 +149,19 @@ def main() -> None:
         "corrections": {
             "keyframes": sorted(every),
             "corrected": scores(gt, corrected, all_ids, between),
+            "corrected, both directions": scores(gt, both, all_ids, between),
             "from_frame_0": scores(gt, full, all_ids, between),
         },
         "seconds_per_frame": {
             "from_frame_0": round(full_spf, 4),
             "entering": round(entering_spf, 4),
             "corrections": round(corrected_spf, 4),
+            "corrections, both directions": round(both_spf, 4),
+            "both / forward": round(both_spf / corrected_spf, 3),
         },
     }
+    if args.val_dev and VAL_DEV.is_dir():
+        report["davis2016-val-dev"] = davis_val_dev(spec, args.every)
     print(json.dumps(report, indent=2))
 
 
