@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dino_vos.errors import InputError
-from dino_vos.features import FeatureExtractor
+from dino_vos.features import FeatureExtractor, embed_frames
 from dino_vos.frame_store import FrameStore
 from dino_vos.masks import VOID_LABEL, ObjectIds, check_mask_size, resize_labels
 from dino_vos.propagation import LabelPropagator, labels_from_soft
@@ -209,9 +209,11 @@ class VideoPropagator:
         return resize_labels(object_ids.to_ids(channels), size)
 
     def _embedded(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, torch.Tensor]]:
-        """(frame, patch features) in order: the one place frames meet the backbone."""
-        for frame in frames:  # contiguous: stored features come back contiguous, bit for bit
-            yield frame, self.features(frame).contiguous()
+        """(frame, patch features) in order: the one place frames meet the backbone (decoded
+        ahead in a background thread, embedded in batches, see :func:`embed_frames`)."""
+        for frame, features in embed_frames(self.features, frames):
+            # contiguous: stored features come back contiguous, bit for bit
+            yield frame, features.contiguous()
 
     @staticmethod
     def _until(source: FrameSource, last: int) -> Iterator[Frame]:
