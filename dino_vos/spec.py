@@ -174,6 +174,8 @@ class BackboneSpec:
       ``seed`` (every process and rank builds the same model).
     - ``pos_embed``: position-embedding resize, ``reference`` (DINO formula) or ``timm``.
     - ``resize``: the frame resize of :meth:`build`; ``device``: auto, cpu, cuda[:N].
+    - ``batch_size`` (frames per forward, None: by device) and ``precision`` (fp32, fp16, bf16)
+      of the features :meth:`build` gives.
     """
 
     name: str | None = None
@@ -184,6 +186,8 @@ class BackboneSpec:
     pos_embed: PosEmbedMode = "reference"
     resize: ResizeSpec = field(default_factory=ResizeSpec)
     device: str = "auto"
+    batch_size: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, Path):  # accept paths, store a picklable, hashable str
@@ -223,4 +227,9 @@ class BackboneSpec:
         """The backbone with this spec's frame resize: frames in, patch features out."""
         from dino_vos.features import BackboneFeatures
 
-        return BackboneFeatures(self.build_backbone(announce), self.resize)
+        return BackboneFeatures(
+            self.build_backbone(announce),
+            self.resize,
+            batch_size=self.batch_size,
+            precision=self.precision,  # type: ignore[arg-type]
+        )

@@ -72,6 +72,8 @@ def cache_key(features: BackboneFeatures, fingerprint: str) -> dict[str, object]
         "resize": features.resize.key(),
         "mean": list(features.mean),
         "std": list(features.std),
+        # autocast changes the features; fp32 keys stay those of earlier caches
+        **({"precision": features.precision} if features.precision != "fp32" else {}),
     }
 
 

@@ -132,6 +132,7 @@ class SequenceEvaluator:
             "weights_fingerprint": self.fingerprint,
             "pos_embed": backbone.pos_embed_mode,
             "resize": self.features.resize.key(),
+            "precision": self.features.precision,
             "keyframes": [sequence.stems[i] for i in self.settings.keyframe_indices(sequence)],
             "direction": self.settings.direction,
         }

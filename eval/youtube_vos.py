@@ -169,6 +169,7 @@ class VideoWriter:
             "weights_fingerprint": self.fingerprint,
             "pos_embed": self.features.backbone.pos_embed_mode,
             "resize": self.features.resize.key(),
+            "precision": self.features.precision,
         }
 
     def is_up_to_date(self, video: YouTubeVOSVideo) -> bool:

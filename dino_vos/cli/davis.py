@@ -82,7 +82,7 @@ from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, Propagation
     help="both: fuse forward and backward propagation between keyframes (with --keyframes).",
 )
 @overwrite_option
-@with_backbone_spec(seed=True)
+@with_backbone_spec(seed=True, frames=True)
 def davis(
     davis_root: Path,
     split: str,

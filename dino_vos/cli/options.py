@@ -146,11 +146,15 @@ def with_backbone_spec(
     *,
     short_side: int | None = 480,
     seed: bool = False,
+    frames: bool = False,
 ) -> Callable:
-    """Add the backbone options (resize too unless ``short_side`` is None, and ``--seed`` with
-    ``seed``); the command receives them as one ``spec=BackboneSpec``."""
+    """Add the backbone options (resize too unless ``short_side`` is None, ``--seed`` with
+    ``seed``, ``--batch-size``/``--precision`` of the frame features with ``frames``); the
+    command receives them as one ``spec=BackboneSpec``."""
     if func is None:
-        return functools.partial(with_backbone_spec, short_side=short_side, seed=seed)
+        return functools.partial(
+            with_backbone_spec, short_side=short_side, seed=seed, frames=frames
+        )
 
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
@@ -167,13 +171,41 @@ def with_backbone_spec(
             pos_embed=values["pos_embed"],
             resize=resize,
             device=values["device"],
+            batch_size=kwargs.pop("batch_size") if frames else None,
+            precision=kwargs.pop("precision") if frames else "fp32",
         )
         return func(spec=spec, **kwargs)
 
     decorated = backbone_options(wrapper)
     if short_side is not None:
         decorated = resize_options(decorated, short_side=short_side)
+    if frames:
+        decorated = frame_feature_options(decorated)
     return seed_option(decorated) if seed else decorated
+
+
+def frame_feature_options(func: Callable) -> Callable:
+    """--batch-size/--precision of the frame features (propagation and its benchmarks)."""
+    return _apply(
+        func,
+        [
+            click.option(
+                "--batch-size",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Frames per backbone forward [default: 1 on CPU, 8 on CUDA]; frames are "
+                "decoded ahead in a background thread.",
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(["fp32", "fp16", "bf16"]),
+                default="fp32",
+                show_default=True,
+                help="Backbone precision (fp16/bf16: autocast, for GPUs; fp16 needs CUDA). "
+                "Propagation stays fp32.",
+            ),
+        ],
+    )
 
 
 def propagation_options(func: Callable) -> Callable:

@@ -33,6 +33,8 @@ def _run_metadata(features: Any) -> dict[str, Any]:
         "backbone": backbone.name,
         "weights": backbone.weights_id,
         "resize": features.resize.key(),
+        "precision": features.precision,
+        "batch_size": features.batch_size,
     }
 
 
@@ -77,7 +79,7 @@ def _run_metadata(features: Any) -> dict[str, Any]:
 )
 @max_frames_option
 @overwrite_option
-@with_backbone_spec
+@with_backbone_spec(frames=True)
 def propagate(
     input_path: Path,
     masks: tuple[str, ...],

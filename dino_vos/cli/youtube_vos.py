@@ -42,7 +42,7 @@ from dino_vos.spec import DIRECTIONS, BackboneSpec, Direction, PropagationConfig
     help="Feature cache folder: later runs with other propagation parameters skip the backbone.",
 )
 @overwrite_option
-@with_backbone_spec(seed=True)
+@with_backbone_spec(seed=True, frames=True)
 def youtube_vos(
     root: Path,
     split: str,
