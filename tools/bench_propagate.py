@@ -6,8 +6,10 @@
    process) and whether the labels are identical.
 2. End to end (features + propagation + writing) with a random-init ViT-S/8 on 480p frames:
    seconds per frame and the share spent outside the backbone forward.
+3. ``--batch-sizes 1,4``: frames/s of the feature path (background decoding + backbone) per
+   batch size, and the largest feature difference to batch 1.
 
-    python tools/bench_propagate.py [--frames 5] [--skip-dense] [--skip-e2e]
+    python tools/bench_propagate.py [--frames 5] [--skip-dense] [--skip-e2e] [--batch-sizes 1,4]
 """
 
 from __future__ import annotations
@@ -122,15 +124,15 @@ def bench_end_to_end(frames: int) -> dict:
     backbone = load_backbone("dino_vits8", pretrained=False, device="cpu")
     extractor = BackboneFeatures(backbone)
     backbone_seconds = []
-    original = extractor.extract
+    original = extractor.embed
 
-    def timed_extract(image):
+    def timed_embed(batch):
         start = time.perf_counter()
-        out = original(image)
+        out = original(batch)
         backbone_seconds.append(time.perf_counter() - start)
         return out
 
-    extractor.extract = timed_extract  # type: ignore[method-assign]
+    extractor.embed = timed_embed  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:
         frame_dir, mask, label = _e2e_input(Path(tmp), frames)
         source = open_source(frame_dir, limit=frames)
@@ -149,11 +151,46 @@ def bench_end_to_end(frames: int) -> dict:
     }
 
 
+def bench_batching(frames: int, batch_sizes: list[int]) -> dict:
+    """Frames/s of the feature path (background decoding + backbone) per batch size, with a
+    random-init ViT-S/8 on 480p frames; also whether the features match batch 1."""
+    from dino_vos.backbones import load_backbone
+    from dino_vos.features import BackboneFeatures, embed_frames
+    from dino_vos.sources import open_source
+
+    torch.manual_seed(0)
+    backbone = load_backbone("dino_vits8", pretrained=False, device="cpu")
+    report: dict = {"frames": frames, "backbone": "dino_vits8 (random init)", "batch": {}}
+    reference = None
+    with tempfile.TemporaryDirectory() as tmp:
+        frame_dir, _, label = _e2e_input(Path(tmp), frames)
+        report["input"] = label
+        for batch_size in batch_sizes:
+            extractor = BackboneFeatures(backbone, batch_size=batch_size)
+            source = open_source(frame_dir, limit=frames)
+            start = time.perf_counter()
+            features = [grid for _, grid in embed_frames(extractor, source)]
+            seconds = time.perf_counter() - start
+            if reference is None:
+                reference = features
+            pairs = zip(features, reference, strict=True)
+            error = max(float((a - b).abs().max()) for a, b in pairs)
+            report["batch"][str(batch_size)] = {
+                "frames_per_second": round(frames / seconds, 4),
+                "seconds_per_frame": round(seconds / frames, 3),
+                "max_abs_diff_vs_batch_1": error,
+            }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=5, help="frames for the end-to-end run")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument(
+        "--batch-sizes", default="", help="e.g. 1,4: also time batched feature extraction"
+    )
     parser.add_argument("--inner", choices=["windowed", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,6 +200,9 @@ def main() -> None:
     report = {"torch_threads": torch.get_num_threads(), "step": bench_step(args.skip_dense)}
     if not args.skip_e2e:
         report["end_to_end"] = bench_end_to_end(args.frames)
+    if args.batch_sizes:
+        sizes = [int(s) for s in args.batch_sizes.split(",")]
+        report["batching"] = bench_batching(max(args.frames, max(sizes)), sizes)
     print(json.dumps(report, indent=2))
 
 
