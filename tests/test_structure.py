@@ -42,6 +42,7 @@ LIGHT_MODULES = [
     "dino_vos.cli.export",
     "dino_vos.cli.eval",
     "dino_vos.cli.davis",
+    "dino_vos.cli.youtube_vos",
     "dino_vos.cli.baselines",
     "dino_vos.cli.pretrain",
 ]
@@ -116,9 +117,18 @@ def test_cli_modules_help_and_input_errors_load_no_torch():
     from click.testing import CliRunner
     from dino_vos.cli import main
     runner = CliRunner()
-    commands = [[], ["propagate"], ["demo"], ["attention"], ["features"], ["eval"],
-                ["eval", "davis"], ["eval", "knn"], ["eval", "linear"], ["eval", "transfer"],
-                ["pretrain"], ["pretrain", "plot"]]
+    import click
+
+    def walk(group, prefix):  # every command and group, as the lazy groups list them
+        context = click.Context(group)
+        for name in group.list_commands(context):
+            command = group.get_command(context, name)
+            yield [*prefix, name]
+            if isinstance(command, click.Group):
+                yield from walk(command, [*prefix, name])
+
+    commands = [[], *walk(main, [])]
+    assert len(commands) >= 13 and ["eval", "youtube-vos"] in commands, commands
     for args in commands:
         result = runner.invoke(main, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
