@@ -21,7 +21,9 @@ ResizeRule = Literal["reference", "patch"]
 RESIZE_RULES: tuple[str, ...] = ("reference", "patch")
 PosEmbedMode = Literal["reference", "timm"]
 POS_EMBED_MODES: tuple[str, ...] = ("reference", "timm")
-CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student")
+#: Networks of a multi-network checkpoint: DINO/iBOT/DINOv2/dino-vos teacher and student, MoCo v3's
+#: base and momentum encoders.
+CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student", "base_encoder", "momentum_encoder")
 
 
 def resized_frame_size(
@@ -106,7 +108,9 @@ class BackboneSpec:
     - ``name``: a registered short name (``dino_vits8`` ... ``dino_vos_tiny``), a timm ViT name
       or a weights file; None picks the default (see :func:`dino_vos.backbones.load_backbone`).
     - ``weights``: a local weights file (its architecture is inferred when ``name`` is None).
-    - ``checkpoint_key``: the network of a training checkpoint (``teacher`` or ``student``).
+    - ``checkpoint_key``: the network of a checkpoint that holds several (``teacher`` or
+      ``student``; MoCo v3: ``base_encoder`` or ``momentum_encoder``); None: teacher / base
+      encoder.
     - ``random_init``: the architecture with random weights, drawn after seeding torch with
       ``seed`` (every process and rank builds the same model).
     - ``pos_embed``: position-embedding resize, ``reference`` (DINO formula) or ``timm``.
@@ -115,7 +119,7 @@ class BackboneSpec:
 
     name: str | None = None
     weights: str | None = None
-    checkpoint_key: str = "teacher"
+    checkpoint_key: str | None = None
     random_init: bool = False
     seed: int = 0
     pos_embed: PosEmbedMode = "reference"

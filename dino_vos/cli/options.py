@@ -80,14 +80,15 @@ def backbone_options(func: Callable) -> Callable:
                 "--weights",
                 type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
-                help="Local weights: official DINO .pth, training checkpoint, or .safetensors.",
+                help="Local weights: DINO, DINOv2, iBOT, MoCo v3, MAE or timm checkpoints, state "
+                "dicts, .safetensors (README: Backbones and weights).",
             ),
             click.option(
                 "--checkpoint-key",
                 type=click.Choice(CHECKPOINT_KEYS),
-                default="teacher",
-                show_default=True,
-                help="Which network of a training checkpoint to load.",
+                default=None,
+                help="Which network of a checkpoint holding several to load [default: teacher; "
+                "base_encoder for MoCo v3].",
             ),
             click.option(
                 "--random-init", is_flag=True, help="Use the architecture with random weights."
