@@ -8,6 +8,7 @@ needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#fra
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,6 +115,8 @@ class BackboneSpec:
     - ``random_init``: the architecture with random weights, drawn after seeding torch with
       ``seed`` (every process and rank builds the same model).
     - ``pos_embed``: position-embedding resize, ``reference`` (DINO formula) or ``timm``.
+    - ``allow_partial``: load weights whose keys do not all match the architecture, warning with
+      the keys ignored and left random (otherwise refused).
     - ``resize``: the frame resize of :meth:`build`; ``device``: auto, cpu, cuda[:N].
     """
 
@@ -125,6 +128,7 @@ class BackboneSpec:
     pos_embed: PosEmbedMode = "reference"
     resize: ResizeSpec = field(default_factory=ResizeSpec)
     device: str = "auto"
+    allow_partial: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, Path):  # accept paths, store a picklable, hashable str
@@ -138,16 +142,24 @@ class BackboneSpec:
     def build_backbone(self, announce: bool = False) -> Backbone:
         """Build the backbone in eval mode; under torchrun on this rank's GPU.
 
-        ``announce`` shows a status line while it loads and then prints which backbone is used.
+        ``announce`` shows a status line while it loads, then prints which backbone is used and
+        any ``allow_partial`` warning.
         """
         import torch
+        from rich.markup import escape
 
         from dino_vos.backbones import load_backbone
         from dino_vos.console import console
         from dino_vos.distributed import rank_device
+        from dino_vos.errors import PartialWeightsWarning
 
         torch.manual_seed(self.seed)  # random-init weights: the same in every process
-        with console.status(f"Loading backbone {self.label()} ...") if announce else nullcontext():
+        with (
+            console.status(f"Loading backbone {self.label()} ...") if announce else nullcontext(),
+            warnings.catch_warnings(record=True) if announce else nullcontext() as caught,
+        ):
+            if announce:
+                warnings.simplefilter("always", PartialWeightsWarning)
             backbone = load_backbone(
                 self.name,
                 weights=self.weights,
@@ -155,9 +167,17 @@ class BackboneSpec:
                 device=rank_device(self.device),
                 pos_embed=self.pos_embed,
                 pretrained=not self.random_init,
+                allow_partial=self.allow_partial,
             )
         if announce:
             console.print(f"Backbone: {backbone.describe()}")
+            for warning in caught or []:
+                if issubclass(warning.category, PartialWeightsWarning):
+                    console.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}")
+                else:
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
         return backbone
 
     def build(self, announce: bool = False) -> BackboneFeatures:

@@ -19,6 +19,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import TINY_ARCH, make_tiny_vit
 from pytest import raises
 from safetensors.torch import save_file
 from timm.layers import PatchEmbed
@@ -27,7 +29,10 @@ from torch import nn
 
 from dino_vos.attention import cls_attention
 from dino_vos.backbones import Backbone, load_backbone
+from dino_vos.checkpoints import save_backbone_safetensors
+from dino_vos.cli import main
 from dino_vos.errors import BackboneError, PartialWeightsWarning
+from dino_vos.spec import BackboneSpec
 
 
 def _vit(seed: int = 0, **kwargs) -> nn.Module:
@@ -564,3 +569,34 @@ def test_dinov3_is_refused_with_one_line(tmp_path):
     path = tmp_path / "dinov3_vits16_pretrain.pth"
     torch.save(state, path)
     _refused(path, "DINOv3 checkpoint", "not support")
+
+
+# ------------------------------------------------------------------------- --allow-partial (CLI)
+
+
+def test_allow_partial_from_the_command_line(clip_dir, tmp_path):
+    state = make_tiny_vit().state_dict()
+    del state["blocks.1.mlp.fc2.bias"]
+    state["blocks.1.mlp.extra"] = torch.zeros(3)
+    weights = tmp_path / "partial.safetensors"
+    save_backbone_safetensors(state, weights, TINY_ARCH)
+    args = [
+        "propagate", str(clip_dir / "frames"), "--mask", str(clip_dir / "masks" / "00000.png"),
+        "--weights", str(weights), "--short-side", "64", "--device", "cpu", "--max-frames", "2",
+    ]  # fmt: skip
+    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2, refused.output
+    errors = [line for line in refused.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "missing blocks.*.mlp.fc2.bias" in errors[0]
+    assert "unexpected blocks.*.mlp.extra" in errors[0] and "Traceback" not in refused.output
+    partial = CliRunner().invoke(
+        main, [*args, "--out", str(tmp_path / "partial"), "--allow-partial"]
+    )
+    assert partial.exit_code == 0, partial.output
+    assert "Warning: --allow-partial" in partial.output
+    assert "left random: blocks.*.mlp.fc2.bias" in partial.output
+    assert "ignored: blocks.*.mlp.extra" in partial.output
+    spec = BackboneSpec(weights=str(weights), allow_partial=True)
+    with pytest.warns(PartialWeightsWarning):
+        backbone = spec.build_backbone()
+    assert torch.count_nonzero(backbone.vit.blocks[1].mlp.fc2.bias) == 0  # timm's init: zeros
