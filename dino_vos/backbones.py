@@ -7,22 +7,24 @@ that position embeddings for arbitrary frame sizes follow the DINO reference for
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import socket
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from dino_vos.checkpoints import load_backbone_state
+from dino_vos.checkpoints import BackboneWeights, load_backbone_weights, summarize_keys
 from dino_vos.device import resolve_device
-from dino_vos.errors import BackboneError
+from dino_vos.errors import BackboneError, PartialWeightsWarning
 from dino_vos.registry import (
     DEFAULT_BACKBONE,
     SHIPPED_BACKBONE,
@@ -32,6 +34,10 @@ from dino_vos.registry import (
 from dino_vos.spec import POS_EMBED_MODES, PosEmbedMode
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+#: Head counts of the standard ViT widths (Ti, S, B, L, H, g, DINOv2's g): the weights do not
+#: store the head count, so an inferred architecture takes it from here (or from the name the
+#: checkpoint records), and only for other widths assumes 64-dimensional heads.
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
 
 
 class Backbone(nn.Module):
@@ -58,17 +64,20 @@ class Backbone(nn.Module):
         self.depth = len(vit.blocks)
         # A hash-friendly description of the weights, filled by ``load_backbone``.
         self.weights_id = "random"
+        # What the weights file was recognised as (and what was dropped), for messages.
+        self.source = ""
 
     @property
     def device(self) -> torch.device:
         return self.vit.pos_embed.device if self.vit.pos_embed is not None else torch.device("cpu")
 
     def describe(self) -> str:
-        """One line: name, patch size, width, weights and device."""
-        return (
-            f"{self.name} (patch {self.patch_size}, dim {self.embed_dim}, weights "
-            f"{self.weights_id}) on {self.device}"
+        """One line: name, patch size, width, heads, weights, device and the file's format."""
+        text = (
+            f"{self.name} (patch {self.patch_size}, dim {self.embed_dim}, {self.num_heads} heads, "
+            f"weights {self.weights_id}) on {self.device}"
         )
+        return f"{text}; {self.source}" if self.source else text
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch-grid shape for an input image of ``height`` x ``width`` pixels."""
@@ -171,6 +180,7 @@ def weights_fingerprint(backbone: Backbone) -> str:
 
 def _create_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model`` for ViTs: no classifier, any input size; non-ViTs are refused."""
+    _refuse_eva(timm_name)
     try:
         model = timm.create_model(
             timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs
@@ -181,6 +191,24 @@ def _create_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> Visi
             "(for example vit_small_patch8_224.dino)"
         ) from exc
     return _require_vit(model, timm_name)
+
+
+def _refuse_eva(timm_name: str) -> None:
+    """DINOv3 (and EVA) models are timm ``Eva`` models: refused before building them."""
+    base = timm.models.split_model_name_tag(timm_name)[0]
+    if not timm.models.is_model(base):
+        return
+    if timm.models.model_entrypoint(base).__module__.endswith(".eva"):
+        what = (
+            "a DINOv3 model, which timm builds as an Eva with rotary position embeddings (RoPE)"
+            if "dinov3" in base
+            else "a timm Eva model (rotary position embeddings in EVA-02)"
+        )
+        raise BackboneError(
+            f"'{timm_name}' is {what}, not supported: dino-vos needs a timm VisionTransformer "
+            "with absolute position embeddings, which it resizes to any frame size (use a DINO "
+            "or DINOv2 ViT, e.g. vit_small_patch14_reg4_dinov2)"
+        )
 
 
 def build_vit(arch: Mapping[str, Any], **overrides: Any) -> VisionTransformer:
@@ -202,62 +230,193 @@ def _require_vit(model: nn.Module, name: str) -> VisionTransformer:
     return model
 
 
-def infer_arch(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Guess a timm ViT architecture from a DINO-style state dict (head dim 64)."""
+def _heads_for(embed_dim: int) -> int:
+    """The standard head count of a width, else one head per 64 channels (a divisor)."""
+    heads = STANDARD_HEADS.get(embed_dim) or max(1, embed_dim // 64)
+    while embed_dim % heads:
+        heads -= 1
+    return heads
+
+
+def infer_arch(state: Mapping[str, torch.Tensor], num_heads: int | None = None) -> dict[str, Any]:
+    """Guess the timm ViT of a state dict with timm or DINOv2 keys.
+
+    Width and patch come from ``patch_embed.proj.weight``, depth from the block indices, the MLP
+    (ratio, SwiGLU) from block 0, layer scale from ``ls1.gamma``, prefix tokens and the stored
+    grid from ``cls_token``/``reg_token``/``register_tokens``/``pos_embed``. The head count is
+    not in the weights: ``num_heads`` (from the checkpoint's recorded architecture), else
+    :data:`STANDARD_HEADS` for the width, else one head per 64 channels.
+    """
     try:
         proj = state["patch_embed.proj.weight"]
         pos = state["pos_embed"]
     except KeyError as exc:
+        conv_stem = "patch_embed.proj.0.weight" in state  # e.g. MoCo v3 vit_conv_*
+        stem = " (a convolutional stem is not supported)" if conv_stem else ""
         raise BackboneError(
-            f"weights have no '{exc.args[0]}' entry: not a ViT state dict (keys such as "
+            f"weights have no '{exc.args[0]}' entry: not a ViT state dict{stem} (keys such as "
             f"{', '.join(list(state)[:5])})"
         ) from exc
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    fc1 = state.get("blocks.0.mlp.fc1.weight", state.get("blocks.0.mlp.w12.weight"))
+    fc2 = state.get("blocks.0.mlp.fc2.weight", state.get("blocks.0.mlp.w3.weight"))
+    if depth == 0 or fc1 is None or fc2 is None:
+        raise BackboneError(
+            "weights have no transformer blocks with an MLP (blocks.0.mlp.fc1/fc2): not a ViT "
+            f"state dict (keys such as {', '.join(list(state)[:5])})"
+        )
+    hidden = int(fc1.shape[0])
+    swiglu = hidden == 2 * int(fc2.shape[1])  # SwiGLU packs both projections in fc1 (w12)
+    mlp_ratio = hidden / embed_dim
+    if int(embed_dim * mlp_ratio) != hidden:  # timm floors embed_dim * mlp_ratio
+        mlp_ratio = (hidden + 0.5) / embed_dim
     has_cls = "cls_token" in state
-    num_reg = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    dinov2 = "mask_token" in state  # DINOv2 layout: the CLS position is always stored
+    reg_key = "register_tokens" if dinov2 else "reg_token"
+    num_reg = int(state[reg_key].shape[1]) if reg_key in state else 0
     length = int(pos.shape[1])
-    no_embed_class = False
-    side = math.isqrt(length - int(has_cls))
-    if side * side != length - int(has_cls):
-        side, no_embed_class = math.isqrt(length), True
-        if side * side != length:
-            raise BackboneError(f"cannot infer the patch grid from pos_embed of length {length}")
+    if dinov2:  # DINOv2 stores the CLS position, never registers; timm folds it for registers
+        layouts = [(length - 1, num_reg > 0)]
+    else:  # timm: prefix positions stored (no_embed_class False) or patch positions only
+        layouts = [(length - int(has_cls) - num_reg, False), (length, True)]
+        layouts = layouts[::-1] if num_reg else layouts  # registers: timm's DINOv2 convention
+    grid = next(((n, flag) for n, flag in layouts if n > 0 and math.isqrt(n) ** 2 == n), None)
+    if grid is None:
+        raise BackboneError(f"cannot infer the patch grid from pos_embed of length {length}")
+    side, no_embed_class = math.isqrt(grid[0]), grid[1]
     kwargs: dict[str, Any] = {
         "img_size": side * patch,
         "patch_size": patch,
         "embed_dim": embed_dim,
         "depth": depth,
-        "num_heads": max(1, embed_dim // 64),
+        "num_heads": num_heads or _heads_for(embed_dim),
         "mlp_ratio": mlp_ratio,
         "class_token": has_cls,
         "reg_tokens": num_reg,
         "no_embed_class": no_embed_class,
     }
-    return {"model": "vit_base_patch16_224", "kwargs": kwargs}
+    if "blocks.0.ls1.gamma" in state:
+        kwargs["init_values"] = 1e-5  # layer scale (DINOv2); the value is loaded
+    if "blocks.0.attn.qkv.weight" in state and "blocks.0.attn.qkv.bias" not in state:
+        kwargs["qkv_bias"] = False
+    model = "vit_giant_patch14_dinov2" if swiglu else "vit_base_patch16_224"
+    return {"model": model, "kwargs": kwargs}
 
 
-def _load_state(vit: VisionTransformer, state: Mapping[str, torch.Tensor], source: str) -> None:
-    own = vit.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(("head", "fc_norm"))}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong_shape:
-        details = []
-        if missing:
-            details.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            details.append(f"unexpected {', '.join(unexpected[:3])}")
-        if wrong_shape:
-            k = wrong_shape[0]
-            details.append(f"{k} is {tuple(state[k].shape)} not {tuple(own[k].shape)}")
-        raise BackboneError(
-            f"weights {source} do not fit this architecture ({'; '.join(details)}): pass the "
-            "matching --backbone, or omit it to infer the architecture from the weights"
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _misfit(
+    source: str, weights: BackboneWeights, problems: list[str], partial: bool, named: bool
+) -> str:
+    fix = (
+        "pass the matching --backbone, or omit it to infer the architecture from the weights"
+        if named
+        else "the architecture was inferred from the weights, so the file lacks parts of a ViT "
+        "or holds other modules: check it, or name the architecture with --backbone"
+    )
+    hint = " (--allow-partial loads the matching keys anyway)" if partial else ""
+    return (
+        f"weights {source} ({weights.describe()}) do not fit this architecture "
+        f"({'; '.join(problems)}): {fix}{hint}"
+    )
+
+
+def _timm_layout(
+    vit: VisionTransformer, weights: BackboneWeights, source: str, named: bool
+) -> dict[str, torch.Tensor]:
+    """The state dict with timm keys: DINOv2's layout goes through timm's own checkpoint filter
+    (``mask_token`` dropped, ``register_tokens`` -> ``reg_token`` with the CLS position folded
+    into ``cls_token``, SwiGLU ``w12``/``w3`` -> ``fc1``/``fc2``)."""
+    state = dict(weights.state)
+    if not weights.dinov2_layout:
+        return state
+    # timm's filter resamples another patch size or grid and assumes the register layout of
+    # the model: check those first, so that a mismatch is refused instead of resampled
+    problems = []
+    proj, pos = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+    own_proj = vit.patch_embed.proj.weight
+    if proj is not None and proj.shape != own_proj.shape:
+        problems.append(
+            f"patch_embed.proj.weight is {tuple(proj.shape)} not {tuple(own_proj.shape)}"
         )
-    vit.load_state_dict(state, strict=True)
+    if pos is not None and pos.shape[1] - 1 != vit.patch_embed.num_patches:
+        problems.append(
+            f"pos_embed holds {pos.shape[1] - 1} patch positions not {vit.patch_embed.num_patches}"
+        )
+    registers = int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0
+    own_registers = int(getattr(vit, "num_reg_tokens", 0))
+    if registers != own_registers or (registers and not vit.no_embed_class):
+        if registers:
+            problems.append(
+                f"unexpected register_tokens ({registers}, the model has {own_registers})"
+            )
+        else:
+            problems.append(f"missing register_tokens (the model has {own_registers})")
+    if problems:
+        raise BackboneError(_misfit(source, weights, problems, partial=False, named=named))
+    return checkpoint_filter_fn(state, vit)
+
+
+def _load_state(
+    build: Callable[[], VisionTransformer],
+    weights: BackboneWeights,
+    source: str,
+    allow_partial: bool = False,
+    named: bool = True,
+) -> VisionTransformer:
+    """The model ``build`` makes, holding ``weights``: every key must match unless
+    ``allow_partial``; a tensor of the wrong shape is always refused.
+
+    The model is built on the meta device (no random init, which takes seconds for a large ViT
+    on a CPU) and receives the loaded tensors; only a partial load builds it for real, so that
+    the keys missing from the file keep timm's initialisation. ``named``: the architecture was
+    named by the user (not inferred), for the advice of an error.
+    """
+    with torch.device("meta"):
+        vit = build()
+    state = _timm_layout(vit, weights, source, named)
+    own = vit.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {summarize_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {summarize_keys(unexpected)}")
+    if wrong_shape:
+        k = wrong_shape[0]
+        more = f" (and {len(wrong_shape) - 1} more)" if len(wrong_shape) > 1 else ""
+        problems.append(f"{k} is {tuple(state[k].shape)} not {tuple(own[k].shape)}{more}")
+    if wrong_shape or (problems and not allow_partial):
+        raise BackboneError(_misfit(source, weights, problems, not wrong_shape, named))
+    if problems:
+        ignored = [
+            f"{_count(len(missing), 'missing key')}, left random: {summarize_keys(missing)}"
+            if missing
+            else "",
+            f"{_count(len(unexpected), 'unexpected key')}, ignored: {summarize_keys(unexpected)}"
+            if unexpected
+            else "",
+        ]
+        warnings.warn(
+            f"--allow-partial: loaded {source} with {'; '.join(p for p in ignored if p)}",
+            PartialWeightsWarning,
+            stacklevel=3,
+        )
+    if missing:
+        vit = build()
+        vit.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        return vit
+    tensors = {k: state[k].to(own[k].dtype).contiguous() for k in own}
+    vit.load_state_dict(tensors, strict=True, assign=True)
+    if any(t.is_meta for t in [*vit.parameters(), *vit.buffers()]):  # non-persistent buffers
+        vit = build()
+        vit.load_state_dict(tensors, strict=True)
+    return vit
 
 
 def _hub_cached_file(timm_name: str) -> Path | None:
@@ -352,19 +511,26 @@ def _pretrained_vit(timm_name: str, short_name: str | None) -> tuple[VisionTrans
 def load_backbone(
     name: str | None = None,
     weights: str | Path | None = None,
-    checkpoint_key: str = "teacher",
+    checkpoint_key: str | None = None,
     device: str | torch.device = "cpu",
     pos_embed: PosEmbedMode = "reference",
     pretrained: bool = True,
+    allow_partial: bool = False,
 ) -> Backbone:
     """Build a backbone by name and/or weights file, in eval mode on ``device``.
 
     - ``name``: an official DINO short name (``dino_vits8`` ...), a model shipped with dino-vos,
       any timm ViT name, or a path to a weights file. ``None`` infers the architecture from
       ``weights``, or without weights takes :func:`default_backbone_name`.
-    - ``weights``: a local file (official DINO ``.pth``, training checkpoints with
-      ``teacher``/``student`` entries, ``.safetensors``, dino-vos checkpoints).
+    - ``weights``: a local file: DINO, DINOv2, iBOT, MoCo v3, MAE and timm checkpoints, bare
+      state dicts, ``.safetensors``, dino-vos checkpoints (README "Backbones and weights").
+    - ``checkpoint_key``: the network of a file that holds several (``teacher``/``student``,
+      MoCo v3's ``base_encoder``/``momentum_encoder``); None takes ``teacher`` or
+      ``base_encoder``.
     - ``pretrained=False`` gives a random-init model of the named architecture.
+    - ``allow_partial``: load a file whose keys do not all match the architecture, warning with
+      the keys ignored and the ones left random (otherwise a :class:`BackboneError`). Heads,
+      decoders and masked-modelling tokens are always dropped on purpose.
     """
     if name is None and weights is None:
         name = default_backbone_name()
@@ -377,24 +543,26 @@ def load_backbone(
         raise BackboneError("random init takes no weights file: drop --weights or --random-init")
     if weights is None and shipped is not None and shipped.is_file():
         if not pretrained:  # the shipped architecture, freshly initialised
-            state, recorded_arch = load_backbone_state(shipped, checkpoint_key)
-            arch = recorded_arch or infer_arch(state)
+            recorded = load_backbone_weights(shipped)
+            arch = recorded.arch or infer_arch(recorded.state, recorded.num_heads)
             backbone = Backbone(build_vit(arch), f"{name} (random init)", pos_embed, arch)
             backbone.weights_id = "random"
             return backbone.to(resolve_device(device)).eval()
         weights = shipped
     if weights is not None:
-        state, recorded_arch = load_backbone_state(weights, checkpoint_key)
-        if name is not None and not (shipped is not None and Path(weights) == shipped):
+        loaded = load_backbone_weights(weights, checkpoint_key)
+        named = name is not None and not (shipped is not None and Path(weights) == shipped)
+        if named:
             timm_name, _ = _resolve_name(name)
-            vit = _create_vit(timm_name)
             arch: Mapping[str, Any] = {"model": timm_name.split(".")[0], "kwargs": {}}
+            build = functools.partial(_create_vit, timm_name)
         else:
-            arch = recorded_arch or infer_arch(state)
-            vit = build_vit(arch)
-        _load_state(vit, state, str(weights))
+            arch = loaded.arch or infer_arch(loaded.state, loaded.num_heads)
+            build = functools.partial(build_vit, arch)
+        vit = _load_state(build, loaded, str(weights), allow_partial, named)
         label = name or Path(weights).stem
         weights_id = f"file:{Path(weights).resolve()}:{Path(weights).stat().st_size}"
+        source = loaded.describe()
     else:
         timm_name, short_name = _resolve_name(name)
         if pretrained:
@@ -404,6 +572,8 @@ def load_backbone(
             weights_id = "random"
         arch = {"model": timm_name.split(".")[0], "kwargs": {}}
         label = name if pretrained else f"{name} (random init)"
+        source = ""
     backbone = Backbone(vit, label, pos_embed=pos_embed, arch=arch)
     backbone.weights_id = weights_id
+    backbone.source = source
     return backbone.to(resolve_device(device)).eval()

@@ -11,7 +11,8 @@ import json
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,83 @@ from dino_vos.atomic import atomic_path
 from dino_vos.errors import BackboneError
 
 ARCH_METADATA_KEY = "dino_vos_arch"
-#: The only non-builtin objects a checkpoint may hold: official DINO training checkpoints
-#: (``main_dino.py``'s ``checkpoint.pth`` and the released full checkpoints) store the run's
-#: ``args`` as an ``argparse.Namespace`` of plain values. Anything else stays refused.
+#: The only non-builtin objects a checkpoint may hold: the training scripts of DINO
+#: (``main_dino.py``), iBOT (``main_ibot.py``) and MAE (``main_pretrain.py``) store the run's
+#: ``args`` as an ``argparse.Namespace`` of plain values; MoCo v3, DINOv2 and timm files need
+#: nothing beyond tensors and builtins. Anything else stays refused.
 SAFE_GLOBALS = [argparse.Namespace]
-PREFIXES_TO_STRIP = ("module.", "backbone.", "_orig_mod.", "encoder.")
-DROPPED_PREFIXES = ("head.", "head_drop.")  # projection / classifier heads
+#: Wrappers around a whole model, stripped wherever they lead a key: DDP and ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: The ViT inside a training wrapper (DINO/iBOT/DINOv2 ``backbone``, I-JEPA ``encoder``).
+NETWORK_PREFIXES = ("backbone.", "encoder.")
+NETWORK_PREFIXES_NAMES = tuple(prefix.rstrip(".") for prefix in NETWORK_PREFIXES)
+#: Entries that are not part of the backbone, dropped on purpose (and reported as such).
+DROPPED_PREFIXES = (
+    "head.",  # classifier / DINO, iBOT and MoCo projection heads
+    "head_drop.",
+    "fc_norm.",  # the norm of a pooled classifier feature
+    "dino_head.",  # DINOv2 heads
+    "ibot_head.",
+    "decoder_",  # MAE decoder: decoder_embed, decoder_pos_embed, decoder_blocks, ...
+    "predictor.",  # MoCo v3 predictor
+)
+#: Masked-image-modelling tokens, used only in pretraining: iBOT's ``masked_embed`` and the MAE
+#: decoder's ``mask_token`` (DINOv2's ``mask_token`` is dropped by timm's DINOv2 conversion).
+DROPPED_KEYS = ("masked_embed",)
+#: The two networks of a MoCo v3 checkpoint (``state_dict`` with ``module.<network>.`` keys).
+MOCO_NETWORKS = ("base_encoder", "momentum_encoder")
+#: Training checkpoints with one entry per network.
+TRAINING_NETWORKS = ("teacher", "student")
+
+
+@dataclass
+class BackboneWeights:
+    """A backbone's state dict, cleaned of wrappers and heads, and what the file says about it.
+
+    ``state`` has timm ``VisionTransformer`` keys, except for DINOv2's own layout
+    (``mask_token``, ``register_tokens``, ``mlp.w12``), which :func:`dino_vos.backbones`
+    converts with timm's checkpoint filter once the model is built. ``arch``: the architecture
+    dino-vos recorded; ``arch_name``: the original code's architecture name (``args.arch``,
+    MoCo v3's ``arch``, MAE's ``args.model``), which fixes the head count; ``dropped``: keys left
+    out on purpose (heads, decoders, the other network); ``num_heads``: the head count that
+    ``arch_name`` fixes, when the weights have its width.
+    """
+
+    state: dict[str, torch.Tensor]
+    format: str
+    network: str | None = None
+    arch: dict[str, Any] | None = None
+    arch_name: str | None = None
+    dropped: list[str] = field(default_factory=list)
+    num_heads: int | None = None
+
+    @property
+    def dinov2_layout(self) -> bool:
+        """Keys as DINOv2 writes them (``mask_token``; registers not in ``pos_embed``)."""
+        return "mask_token" in self.state
+
+    def dropped_groups(self) -> list[str]:
+        """The modules dropped on purpose, e.g. ``['head', 'masked_embed']``."""
+        groups = []
+        for key in self.dropped:
+            parts = _strip(key, WRAPPER_PREFIXES).split(".")
+            while len(parts) > 1 and parts[0] in (*NETWORK_PREFIXES_NAMES, self.network):
+                parts = parts[1:]
+            groups.append(parts[0])
+        return list(dict.fromkeys(groups))
+
+    def describe(self) -> str:
+        """e.g. ``iBOT training checkpoint (teacher), dropped head, masked_embed``."""
+        text = f"{self.format} ({self.network})" if self.network else self.format
+        groups = self.dropped_groups()
+        return text + (f", dropped {', '.join(groups)}" if groups else "")
+
+
+def summarize_keys(keys: Iterable[str], limit: int = 4) -> str:
+    """Keys with block indices folded (``blocks.*.ls1.gamma``), at most ``limit`` shown."""
+    folded = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.)", "*", key) for key in keys))
+    shown = ", ".join(folded[:limit])
+    return shown + (f" and {len(folded) - limit} more" if len(folded) > limit else "")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -92,6 +164,29 @@ def _looks_like_torch_file(path: Path) -> bool:
         return handle.read(1) == b"\x80"  # the PROTO opcode that starts a pickle
 
 
+#: Width and head count fixed by an architecture name the original code records: ``args.arch``
+#: of DINO and iBOT (``deit_*`` in early DINO), DINOv2's ``student.arch``, MAE's ``args.model``.
+ARCH_NAMES: dict[str, tuple[int, int]] = {
+    "vit_tiny": (192, 3),
+    "vit_small": (384, 6),
+    "vit_base": (768, 12),
+    "vit_large": (1024, 16),
+    "vit_giant2": (1536, 24),
+    "deit_tiny": (192, 3),
+    "deit_small": (384, 6),
+    "mae_vit_base_patch16": (768, 12),
+    "mae_vit_large_patch16": (1024, 16),
+    "mae_vit_huge_patch14": (1280, 16),
+}
+#: MoCo v3's ``vits.py`` uses 12 heads for its ViT-S (head dim 32), unlike DINO.
+MOCO_V3_ARCH_NAMES: dict[str, tuple[int, int]] = {
+    "vit_small": (384, 12),
+    "vit_base": (768, 12),
+    "vit_large": (1024, 16),
+    "vit_huge": (1280, 16),
+}
+
+
 def _is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
@@ -100,65 +195,172 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _strip_prefixes(key: str) -> str:
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    """Remove any of ``prefixes`` from the start of ``key``, repeatedly."""
     changed = True
     while changed:
         changed = False
-        for prefix in PREFIXES_TO_STRIP:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key = key[len(prefix) :]
                 changed = True
     return key
 
 
-def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DDP/wrapper prefixes and drop projection-head entries."""
-    cleaned = {}
-    for key, value in state.items():
-        key = _strip_prefixes(key)
-        if key.startswith(DROPPED_PREFIXES):
-            continue
-        cleaned[key] = value
-    return cleaned
+def _unchunk_blocks(key: str) -> str:
+    """DINOv2 with ``block_chunks > 0`` nests blocks as ``blocks.<chunk>.<index>.``; the index
+    is already global (chunks are padded with ``nn.Identity``), so the chunk level goes."""
+    return re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)
 
 
-def extract_backbone_state(
-    content: Mapping[str, Any], checkpoint_key: str = "teacher", source: str = "checkpoint"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Find the backbone state dict (and architecture, when recorded) inside a checkpoint.
+def clean_state_dict(
+    state: Mapping[str, torch.Tensor], select: str | None = None, source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip wrapper prefixes, keep only network ``select`` (MoCo v3), drop heads and decoders.
 
-    Accepts a bare state dict, official DINO training checkpoints (``teacher``/``student``),
-    ``state_dict``/``model`` wrappers and dino-vos checkpoints (which also record ``arch``).
+    Returns the backbone state dict and the (original) keys dropped on purpose.
     """
-    arch = content.get("arch") if isinstance(content.get("arch"), Mapping) else None
-    if _is_state_dict(content):
-        return clean_state_dict(content), arch
-    wrappers = [k for k in ("teacher", "student") if _is_state_dict(content.get(k))]
-    if wrappers:
-        if checkpoint_key not in wrappers:
+    names = {key: _strip(key, WRAPPER_PREFIXES) for key in state}
+    mae = any(_strip(n, NETWORK_PREFIXES).startswith("decoder_") for n in names.values())
+    cleaned: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in state.items():
+        name = names[key]
+        if select is not None:
+            if not name.startswith(select + "."):
+                dropped.append(key)  # the other network, the predictor
+                continue
+            name = name[len(select) + 1 :]
+        name = _unchunk_blocks(_strip(name, WRAPPER_PREFIXES + NETWORK_PREFIXES))
+        mae_mask_token = mae and name == "mask_token"
+        if name.startswith(DROPPED_PREFIXES) or name in DROPPED_KEYS or mae_mask_token:
+            dropped.append(key)
+            continue
+        if name in cleaned:
             raise BackboneError(
-                f"{source} has no '{checkpoint_key}' entry (it has {', '.join(wrappers)}): "
-                f"use --checkpoint-key {wrappers[0]}"
+                f"{source} holds '{name}' twice (as '{key}' too): save one network per file"
             )
-        return clean_state_dict(content[checkpoint_key]), arch
-    for key in (checkpoint_key, "state_dict", "model", "backbone"):
-        if _is_state_dict(content.get(key)):
-            return clean_state_dict(content[key]), arch
-    raise BackboneError(
-        f"{source} holds no backbone weights (keys: {', '.join(list(content)[:8])}); expected a "
-        "state dict or 'teacher'/'student' entries"
-    )
+        cleaned[name] = value
+    if "storage_tokens" in cleaned or any(n.startswith("rope_embed.") for n in cleaned):
+        raise BackboneError(
+            f"{source} is a DINOv3 checkpoint (rotary position embeddings, storage tokens), "
+            "which dino-vos does not support: use DINO, DINOv2 or another ViT with absolute "
+            "position embeddings"
+        )
+    return cleaned, dropped
 
 
-def load_backbone_state(
-    path: str | Path, checkpoint_key: str = "teacher"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read ``path`` and return (backbone state dict, recorded architecture or None)."""
+def _recorded_arch_name(content: Mapping[str, Any]) -> str | None:
+    """The architecture name the training script stored: ``args.arch`` (DINO, iBOT),
+    ``args.model`` (MAE) or a top-level ``arch`` string (MoCo v3)."""
+    args = content.get("args")
+    candidates = [content.get("arch")]
+    if args is not None:
+        for name in ("model", "arch"):
+            candidates.insert(
+                0, args.get(name) if isinstance(args, Mapping) else getattr(args, name, None)
+            )
+    return next((c for c in candidates if isinstance(c, str)), None)
+
+
+def _training_format(content: Mapping[str, Any], keys: list[str]) -> str:
+    if content.get("format") == "dino-vos-pretrain":
+        return "dino-vos pretraining checkpoint"
+    if "ibot_loss" in content:
+        return "iBOT training checkpoint"
+    if "dino_loss" in content:
+        return "DINO training checkpoint"
+    if "mask_token" in keys:
+        return "DINOv2 training checkpoint"
+    return "training checkpoint"
+
+
+def _recorded_heads(weights: BackboneWeights) -> int | None:
+    """Heads fixed by the recorded architecture name, when its width matches the weights."""
+    table = MOCO_V3_ARCH_NAMES if weights.format.startswith("MoCo") else ARCH_NAMES
+    known = table.get(weights.arch_name or "")
+    proj = weights.state.get("patch_embed.proj.weight")
+    if known is None or proj is None or int(proj.shape[0]) != known[0]:
+        return None
+    return known[1]
+
+
+def extract_backbone_weights(
+    content: Mapping[str, Any], checkpoint_key: str | None = None, source: str = "checkpoint"
+) -> BackboneWeights:
+    """Find the backbone state dict (and what the file records about it) inside a checkpoint.
+
+    Accepts bare state dicts (DINO, DINOv2 and timm releases), ``teacher``/``student`` training
+    checkpoints (DINO, iBOT, DINOv2, dino-vos), MoCo v3's ``state_dict`` with ``base_encoder``
+    and ``momentum_encoder``, and ``state_dict``/``model`` wrappers (MAE, iBOT releases, timm
+    training). ``checkpoint_key`` picks the network: teacher by default, MoCo v3's
+    ``base_encoder`` by default, and an error when the file holds a single network.
+    """
+    recorded = content.get("arch") if isinstance(content.get("arch"), Mapping) else None
+    networks = [k for k in TRAINING_NETWORKS if _is_state_dict(content.get(k))]
+    network: str | None = None
+    fmt = "state dict"
+    if _is_state_dict(content):
+        raw: Mapping[str, torch.Tensor] = content
+    elif networks:
+        network = checkpoint_key or "teacher"
+        if network not in networks:
+            raise BackboneError(
+                f"{source} has no '{network}' entry (it has {', '.join(networks)}): "
+                f"use --checkpoint-key {networks[0]}"
+            )
+        raw = content[network]
+        fmt = _training_format(
+            content, [_strip(k, WRAPPER_PREFIXES + NETWORK_PREFIXES) for k in raw]
+        )
+    elif checkpoint_key in content and _is_state_dict(content.get(checkpoint_key)):
+        raw, network = content[checkpoint_key], checkpoint_key  # any entry, from the Python API
+    else:
+        wrapper = next(
+            (k for k in ("state_dict", "model", "backbone") if _is_state_dict(content.get(k))), None
+        )
+        if wrapper is None:
+            raise BackboneError(
+                f"{source} holds no backbone weights (keys: {', '.join(list(content)[:8])}); "
+                "expected a state dict, 'teacher'/'student' entries or a 'state_dict'/'model' entry"
+            )
+        raw, fmt = content[wrapper], f"state dict in '{wrapper}'"
+    stripped = [_strip(k, WRAPPER_PREFIXES) for k in raw]
+    moco = [n for n in MOCO_NETWORKS if any(k.startswith(n + ".") for k in stripped)]
+    if moco:
+        network = checkpoint_key or "base_encoder"
+        if network not in moco:
+            raise BackboneError(
+                f"{source} is a MoCo v3 checkpoint with {' and '.join(moco)}, not '{network}': "
+                f"use --checkpoint-key {' or '.join(moco)} (default base_encoder)"
+            )
+        fmt = "MoCo v3 checkpoint"
+    elif checkpoint_key is not None and network is None:
+        raise BackboneError(
+            f"{source} holds a single network ({fmt}), so --checkpoint-key {checkpoint_key} "
+            "does not apply: drop it"
+        )
+    state, dropped = clean_state_dict(raw, select=network if moco else None, source=source)
+    if not moco and any(_strip(k, NETWORK_PREFIXES).startswith("decoder_") for k in stripped):
+        fmt = "MAE checkpoint" if fmt.startswith("state dict") else fmt
+    elif "mask_token" in state:
+        dropped.append("mask_token")  # removed by timm's DINOv2 conversion
+        fmt = "DINOv2 state dict" if fmt == "state dict" else fmt
+    weights = BackboneWeights(state, fmt, network, recorded, _recorded_arch_name(content), dropped)
+    weights.num_heads = _recorded_heads(weights)
+    return weights
+
+
+def load_backbone_weights(path: str | Path, checkpoint_key: str | None = None) -> BackboneWeights:
+    """Read ``path`` and return its backbone weights (see :func:`extract_backbone_weights`)."""
     content, metadata = read_checkpoint(path)
-    state, arch = extract_backbone_state(content, checkpoint_key, source=str(path))
-    if arch is None and ARCH_METADATA_KEY in metadata:
-        arch = json.loads(metadata[ARCH_METADATA_KEY])
-    return state, arch
+    weights = extract_backbone_weights(content, checkpoint_key, source=str(path))
+    if weights.arch is None and ARCH_METADATA_KEY in metadata:
+        weights.arch = json.loads(metadata[ARCH_METADATA_KEY])
+        weights.format = "dino-vos safetensors"
+    elif Path(path).suffix == ".safetensors" and weights.format == "state dict":
+        weights.format = "safetensors state dict"
+    return weights
 
 
 def atomic_torch_save(obj: Mapping[str, Any], path: str | Path) -> None:

@@ -13,3 +13,7 @@ class InputError(DinoVosError):
 
 class BackboneError(DinoVosError):
     """A backbone name, weights file or checkpoint cannot be used."""
+
+
+class PartialWeightsWarning(UserWarning):
+    """Weights loaded with ``allow_partial``: some keys were ignored or left random."""

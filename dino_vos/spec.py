@@ -8,6 +8,7 @@ needed (``spec.build()``). The resize rules are stated in ``docs/protocol.md#fra
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,9 @@ ResizeRule = Literal["reference", "patch"]
 RESIZE_RULES: tuple[str, ...] = ("reference", "patch")
 PosEmbedMode = Literal["reference", "timm"]
 POS_EMBED_MODES: tuple[str, ...] = ("reference", "timm")
-CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student")
+#: Networks of a multi-network checkpoint: DINO/iBOT/DINOv2/dino-vos teacher and student, MoCo v3's
+#: base and momentum encoders.
+CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student", "base_encoder", "momentum_encoder")
 
 
 def resized_frame_size(
@@ -169,10 +172,14 @@ class BackboneSpec:
     - ``name``: a registered short name (``dino_vits8`` ... ``dino_vos_tiny``), a timm ViT name
       or a weights file; None picks the default (see :func:`dino_vos.backbones.load_backbone`).
     - ``weights``: a local weights file (its architecture is inferred when ``name`` is None).
-    - ``checkpoint_key``: the network of a training checkpoint (``teacher`` or ``student``).
+    - ``checkpoint_key``: the network of a checkpoint that holds several (``teacher`` or
+      ``student``; MoCo v3: ``base_encoder`` or ``momentum_encoder``); None: teacher / base
+      encoder.
     - ``random_init``: the architecture with random weights, drawn after seeding torch with
       ``seed`` (every process and rank builds the same model).
     - ``pos_embed``: position-embedding resize, ``reference`` (DINO formula) or ``timm``.
+    - ``allow_partial``: load weights whose keys do not all match the architecture, warning with
+      the keys ignored and left random (otherwise refused).
     - ``resize``: the frame resize of :meth:`build`; ``device``: auto, cpu, cuda[:N].
     - ``batch_size`` (frames per forward, None: by device) and ``precision`` (fp32, fp16, bf16)
       of the features :meth:`build` gives.
@@ -180,7 +187,7 @@ class BackboneSpec:
 
     name: str | None = None
     weights: str | None = None
-    checkpoint_key: str = "teacher"
+    checkpoint_key: str | None = None
     random_init: bool = False
     seed: int = 0
     pos_embed: PosEmbedMode = "reference"
@@ -188,6 +195,7 @@ class BackboneSpec:
     device: str = "auto"
     batch_size: int | None = None
     precision: str = "fp32"
+    allow_partial: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, Path):  # accept paths, store a picklable, hashable str
@@ -201,16 +209,24 @@ class BackboneSpec:
     def build_backbone(self, announce: bool = False) -> Backbone:
         """Build the backbone in eval mode; under torchrun on this rank's GPU.
 
-        ``announce`` shows a status line while it loads and then prints which backbone is used.
+        ``announce`` shows a status line while it loads, then prints which backbone is used and
+        any ``allow_partial`` warning.
         """
         import torch
+        from rich.markup import escape
 
         from dino_vos.backbones import load_backbone
         from dino_vos.console import console
         from dino_vos.distributed import rank_device
+        from dino_vos.errors import PartialWeightsWarning
 
         torch.manual_seed(self.seed)  # random-init weights: the same in every process
-        with console.status(f"Loading backbone {self.label()} ...") if announce else nullcontext():
+        with (
+            console.status(f"Loading backbone {self.label()} ...") if announce else nullcontext(),
+            warnings.catch_warnings(record=True) if announce else nullcontext() as caught,
+        ):
+            if announce:
+                warnings.simplefilter("always", PartialWeightsWarning)
             backbone = load_backbone(
                 self.name,
                 weights=self.weights,
@@ -218,9 +234,17 @@ class BackboneSpec:
                 device=rank_device(self.device),
                 pos_embed=self.pos_embed,
                 pretrained=not self.random_init,
+                allow_partial=self.allow_partial,
             )
         if announce:
             console.print(f"Backbone: {backbone.describe()}")
+            for warning in caught or []:
+                if issubclass(warning.category, PartialWeightsWarning):
+                    console.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}")
+                else:
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
         return backbone
 
     def build(self, announce: bool = False) -> BackboneFeatures:

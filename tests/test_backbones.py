@@ -12,7 +12,7 @@ from pytest import fixture, raises
 from dino_vos import backbones
 from dino_vos.backbones import Backbone, infer_arch, load_backbone
 from dino_vos.checkpoints import save_backbone_safetensors
-from dino_vos.errors import BackboneError
+from dino_vos.errors import BackboneError, PartialWeightsWarning
 
 
 @fixture
@@ -163,7 +163,8 @@ def _main_dino_checkpoint(path, teacher, student, **args_overrides):
 
 
 def test_main_dino_training_checkpoint_loads_safely(tmp_path):
-    # DINO's ViTs have 64-dimensional heads, which is how the head count is inferred
+    # a width outside the standard ViT sizes (and so not that of args.arch): one head per 64
+    # channels, as in every DINO ViT
     def dino_like_vit(seed):
         torch.manual_seed(seed)
         kwargs = dict(patch_size=8, depth=2, img_size=64, embed_dim=128, num_heads=2)
@@ -179,6 +180,15 @@ def test_main_dino_training_checkpoint_loads_safely(tmp_path):
         with torch.no_grad():  # the original network's own forward, in its own layout
             direct = network.eval().forward_features(images)[:, 1:].reshape(2, 8, 8, 128)
             torch.testing.assert_close(loaded(images), direct)
+        assert loaded.source.startswith(f"DINO training checkpoint ({key}), dropped head")
+    # a missing key is named in one line, and --allow-partial loads the rest
+    teacher_state = {k: v for k, v in teacher.state_dict().items() if k != "norm.bias"}
+    partial = tmp_path / "partial.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher_state.items()}}, partial)
+    with raises(BackboneError, match=r"missing norm\.bias\).*--allow-partial"):
+        load_backbone(None, weights=partial)
+    with pytest.warns(PartialWeightsWarning, match="1 missing key, left random: norm.bias"):
+        load_backbone(None, weights=partial, allow_partial=True)
     # only argparse.Namespace is let through: any other object is still refused by name
     import pathlib
 
@@ -187,13 +197,20 @@ def test_main_dino_training_checkpoint_loads_safely(tmp_path):
         load_backbone(None, weights=path)
 
 
-def test_bare_state_dict_with_named_architecture(tmp_path):
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+def test_bare_state_dict_with_named_and_inferred_architecture(tmp_path):
+    """A released DINO backbone (dino_deitsmall16_pretrain.pth): a bare state dict, no head."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
     path = tmp_path / "dino_tiny.pth"
     torch.save(model.state_dict(), path)
     loaded = load_backbone("vit_tiny_patch16_224", weights=path)
     assert torch.equal(loaded.vit.cls_token, model.cls_token)
-    assert infer_arch(model.state_dict())["kwargs"]["num_heads"] == 3
+    assert infer_arch(model.state_dict())["kwargs"]["num_heads"] == 3  # ViT-Ti's width
+    inferred = load_backbone(None, weights=path)
+    assert inferred.num_heads == 3 and inferred.source == "state dict"
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        direct = model.forward_features(images)[:, 1:].reshape(1, 14, 14, 192)
+        torch.testing.assert_close(inferred(images), direct)
 
 
 def test_safetensors_with_recorded_architecture(tmp_path, tiny_weights):

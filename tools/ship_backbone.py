@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dino_vos.checkpoints import extract_backbone_state, read_checkpoint, save_backbone_safetensors
+from dino_vos.checkpoints import (
+    extract_backbone_weights,
+    read_checkpoint,
+    save_backbone_safetensors,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 12 * 2**20
@@ -44,7 +48,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "dino_vos" / "weights")
     args = parser.parse_args()
     checkpoint, _ = read_checkpoint(args.run_dir / "checkpoint.pth")
-    state, arch = extract_backbone_state(checkpoint, "teacher")
+    teacher = extract_backbone_weights(checkpoint, "teacher")
+    state, arch = teacher.state, teacher.arch
     facts = training_facts(args.run_dir, checkpoint)
     path = args.out / f"{args.name}.safetensors"
     save_backbone_safetensors(state, path, arch or {}, dtype=torch.float16, extra_metadata=facts)

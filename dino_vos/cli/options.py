@@ -25,7 +25,15 @@ from dino_vos.spec import (
     ResizeSpec,
 )
 
-_BACKBONE_KEYS = ("backbone", "weights", "checkpoint_key", "random_init", "pos_embed", "device")
+_BACKBONE_KEYS = (
+    "backbone",
+    "weights",
+    "checkpoint_key",
+    "random_init",
+    "pos_embed",
+    "device",
+    "allow_partial",
+)
 _PROPAGATION_DEFAULTS = PropagationConfig()
 
 
@@ -65,7 +73,7 @@ def _apply(func: Callable, options: list[Callable]) -> Callable:
 
 
 def backbone_options(func: Callable) -> Callable:
-    """--backbone/--weights/--checkpoint-key/--random-init/--pos-embed/--device."""
+    """--backbone/--weights/--checkpoint-key/--allow-partial/--random-init/--pos-embed/--device."""
     return _apply(
         func,
         [
@@ -80,14 +88,21 @@ def backbone_options(func: Callable) -> Callable:
                 "--weights",
                 type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
-                help="Local weights: official DINO .pth, training checkpoint, or .safetensors.",
+                help="Local weights: DINO, DINOv2, iBOT, MoCo v3, MAE or timm checkpoints, state "
+                "dicts, .safetensors (README: Backbones and weights).",
             ),
             click.option(
                 "--checkpoint-key",
                 type=click.Choice(CHECKPOINT_KEYS),
-                default="teacher",
-                show_default=True,
-                help="Which network of a training checkpoint to load.",
+                default=None,
+                help="Which network of a checkpoint holding several to load [default: teacher; "
+                "base_encoder for MoCo v3].",
+            ),
+            click.option(
+                "--allow-partial",
+                is_flag=True,
+                help="Load weights whose keys do not all fit the architecture, with a warning "
+                "listing the keys ignored and left random (refused otherwise).",
             ),
             click.option(
                 "--random-init", is_flag=True, help="Use the architecture with random weights."
@@ -173,6 +188,7 @@ def with_backbone_spec(
             device=values["device"],
             batch_size=kwargs.pop("batch_size") if frames else None,
             precision=kwargs.pop("precision") if frames else "fp32",
+            allow_partial=values["allow_partial"],
         )
         return func(spec=spec, **kwargs)
 
