@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from dino_vos.cli.options import overwrite_option, propagation_options, with_backbone_spec
+from dino_vos.cli.options import (
+    cache_option,
+    direction_option,
+    overwrite_option,
+    propagation_options,
+    with_backbone_spec,
+)
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 
@@ -40,13 +46,7 @@ from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, Propagation
     help="Output folder: masks per sequence, CSVs, JSON, plot [--results: default RESULTS].",
 )
 @propagation_options
-@click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Feature cache folder: later runs with other propagation parameters skip the backbone.",
-)
+@cache_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -74,12 +74,8 @@ from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, Propagation
     "frame indices) as keyframes. Reported separately (report names get -keyframes-...); those "
     "frames are not scored. Not the standard protocol.",
 )
-@click.option(
-    "--direction",
-    type=click.Choice(["forward", "both"]),
-    default="forward",
-    show_default=True,
-    help="both: fuse forward and backward propagation between keyframes (with --keyframes).",
+@direction_option(
+    ["forward", "both"], "both: fuse forward and backward propagation between keyframes."
 )
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import click
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
+    DIRECTIONS,
     POS_EMBED_MODES,
     RESIZE_RULES,
     BackboneSpec,
@@ -302,3 +303,26 @@ batch_option = click.option(
     show_default=True,
     help="Frames per backbone forward.",
 )
+
+
+#: --cache: the feature cache of the benchmark commands (eval davis, eval youtube-vos).
+cache_option = click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Feature cache folder: later runs with other propagation parameters skip the backbone.",
+)
+
+
+def direction_option(choices: Sequence[str] = DIRECTIONS, help: str = "") -> Callable:
+    """--direction of propagation from the keyframes (docs/protocol.md#keyframes)."""
+    return click.option(
+        "--direction",
+        type=click.Choice(list(choices)),
+        default="forward",
+        show_default=True,
+        help=help
+        or "forward from the first keyframe; backward from the last one towards frame 0; both: "
+        "every frame, fusing the two directions between keyframes (docs/protocol.md#keyframes).",
+    )

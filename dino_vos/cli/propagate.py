@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from dino_vos.cli.options import (
+    direction_option,
     input_argument,
     max_frames_option,
     out_option,
@@ -19,7 +20,7 @@ from dino_vos.console import console, progress_bar
 from dino_vos.defaults import DEMO_OUTPUTS, DEMO_SIZE
 from dino_vos.errors import DinoVosError
 from dino_vos.outputs import check_out_dir, check_outputs, foreign_entries, is_result_folder
-from dino_vos.spec import DIRECTIONS, BackboneSpec, Direction, PropagationConfig, frames_covered
+from dino_vos.spec import BackboneSpec, Direction, PropagationConfig, frames_covered
 
 
 def is_previous_demo(folder: Path) -> bool:
@@ -69,14 +70,7 @@ def _run_metadata(features: Any) -> dict[str, Any]:
     default=None,
     help="Also save soft label maps per frame (float16) under OUT/probs/.",
 )
-@click.option(
-    "--direction",
-    type=click.Choice(DIRECTIONS),
-    default="forward",
-    show_default=True,
-    help="forward from the first keyframe; backward from the last one towards frame 0; both: "
-    "every frame, fusing the two directions between keyframes (docs/protocol.md#keyframes).",
-)
+@direction_option()
 @max_frames_option
 @overwrite_option
 @with_backbone_spec(frames=True)

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import click
 
-from dino_vos.cli.options import overwrite_option, propagation_options, with_backbone_spec
-from dino_vos.spec import DIRECTIONS, BackboneSpec, Direction, PropagationConfig
+from dino_vos.cli.options import (
+    cache_option,
+    direction_option,
+    overwrite_option,
+    propagation_options,
+    with_backbone_spec,
+)
+from dino_vos.spec import BackboneSpec, Direction, PropagationConfig
 
 
 @click.command("youtube-vos")
@@ -27,20 +33,8 @@ from dino_vos.spec import DIRECTIONS, BackboneSpec, Direction, PropagationConfig
 )
 @click.option("--videos", default=None, help="Comma-separated videos (default: all in meta.json).")
 @propagation_options
-@click.option(
-    "--direction",
-    type=click.Choice(DIRECTIONS),
-    default="forward",
-    show_default=True,
-    help="forward (the benchmark's setting: objects start on their first annotated frame).",
-)
-@click.option(
-    "--cache",
-    "cache_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Feature cache folder: later runs with other propagation parameters skip the backbone.",
-)
+@direction_option(help="forward: the benchmark's setting (objects start on their first mask).")
+@cache_option
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)
 def youtube_vos(
