@@ -44,17 +44,24 @@ def backbone_args(backbone: str) -> list[str]:
 
 
 def run_variant(
-    out: Path, backbone: str, short_side: int, variant: str, max_frames: int | None
+    out: Path,
+    backbone: str,
+    short_side: int,
+    variant: str,
+    max_frames: int | None,
+    sequences: str | None = None,
 ) -> dict:
     """One ``eval davis`` run; its row of the table."""
     extra, cache = VARIANTS[variant]
     tag = f"{backbone.replace(':', '-')}-{short_side}"
-    run_dir = out / tag / extra[-1] if extra else out / tag / "dino"
+    name = extra[-1] if extra else "dino"
+    run_dir = out / tag / (f"{name}-{sequences.replace(',', '+')}" if sequences else name)
     command = [
         sys.executable, "-m", "dino_vos", "eval", "davis", "--davis-root", str(VAL_DEV),
         "--split", "val", "--out", str(run_dir), "--cache", str(out / tag / f"cache-{cache}"),
         "--short-side", str(short_side), *backbone_args(backbone), *extra,
         *(["--max-frames", str(max_frames)] if max_frames else []),
+        *(["--sequences", sequences] if sequences else []),
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     payload = json.loads((run_dir / "davis_results-val.json").read_text())
@@ -69,6 +76,7 @@ def run_variant(
         "seconds_per_frame": timing["seconds_per_frame"],
         "features": "cached" if payload["cache"]["misses"] == 0 else "cold",
         "max_frames": max_frames,
+        "sequences": sequences or "all",
         "command": " ".join(command[1:]),
     }
 
@@ -110,6 +118,7 @@ def main() -> None:
     parser.add_argument("--short-sides", default="240")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated names.")
     parser.add_argument("--max-frames", type=int, default=None, help="Same for every row.")
+    parser.add_argument("--sequences", default=None, help="Comma-separated subset of val-dev.")
     parser.add_argument("--tune-guided", metavar="SEQS", default=None, help="Train sequences.")
     args = parser.parse_args()
     if args.tune_guided:
@@ -122,7 +131,9 @@ def main() -> None:
     for backbone in args.backbones.split(","):
         for short_side in (int(s) for s in args.short_sides.split(",")):
             for variant in args.variants.split(","):
-                row = run_variant(args.out, backbone, short_side, variant, args.max_frames)
+                row = run_variant(
+                    args.out, backbone, short_side, variant, args.max_frames, args.sequences
+                )
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     print(json.dumps(rows, indent=1))
