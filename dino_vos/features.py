@@ -99,6 +99,58 @@ class BackboneFeatures:
         return self.extract(frame.image)
 
 
+class ShiftEnsembleFeatures(BackboneFeatures):
+    """Patch features averaged over ``n`` x ``n`` sub-patch shifts of the input
+    (docs/protocol.md#refinements).
+
+    The input is shifted by (dy, dx) = (round(i * p / n), round(j * p / n)) pixels for i, j in
+    0..n-1 (cropped at the top/left, edge-replicated at the bottom/right), so patch (y, x) of a
+    shifted input is centred dy/p, dx/p patches below/right of patch (y, x) of the frame. Each
+    shifted grid is resampled bilinearly back onto the frame's patch centres (edge rows and
+    columns replicated), then the n^2 grids are averaged: n^2 forwards per frame. ``n`` = 1 is
+    :class:`BackboneFeatures` exactly. Works in :func:`embed_frames` batches like its base.
+    """
+
+    def __init__(self, base: BackboneFeatures, n: int) -> None:
+        if n < 1:
+            raise InputError(f"--shift-ensemble must be 1 or more, not {n}")
+        self.__dict__.update(base.__dict__)
+        self.shift_ensemble = n
+
+    def shifts(self) -> list[tuple[int, int]]:
+        """The (dy, dx) pixel shifts, (0, 0) first."""
+        steps = [
+            round(i * self.patch_size / self.shift_ensemble) for i in range(self.shift_ensemble)
+        ]
+        return [(dy, dx) for dy in steps for dx in steps]
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) float32 shift-averaged features of preprocessed inputs (B, 3, H, W)."""
+        total: torch.Tensor | None = None
+        shifts = self.shifts()
+        for dy, dx in shifts:
+            shifted = batch
+            if dy or dx:
+                cropped = batch[:, :, dy:, dx:]
+                shifted = torch.nn.functional.pad(cropped, (0, dx, 0, dy), mode="replicate")
+            grid = super().embed(shifted)
+            grid = _shift_back(grid, dy / self.patch_size, dim=1)
+            grid = _shift_back(grid, dx / self.patch_size, dim=2)
+            total = grid if total is None else total + grid
+        assert total is not None
+        return total / len(shifts)
+
+
+def _shift_back(grid: torch.Tensor, shift: float, dim: int) -> torch.Tensor:
+    """Values at the unshifted patch centres of a grid whose samples lie ``shift`` (0..1)
+    patches further along ``dim``: (1 - shift) * g[i] + shift * g[i - 1], g[-1] = g[0]."""
+    if shift == 0:
+        return grid
+    previous = torch.cat([grid.narrow(dim, 0, 1), grid.narrow(dim, 0, grid.shape[dim] - 1)], dim)
+    return (1.0 - shift) * grid + shift * previous
+
+
 def embed_frames(
     extractor: FeatureExtractor, frames: Iterable[Frame], prefetch: int = PREFETCH_FRAMES
 ) -> Iterator[tuple[Frame, torch.Tensor]]:

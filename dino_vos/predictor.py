@@ -28,7 +28,7 @@ from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor, embed_frames
 from dino_vos.frame_store import FrameStore
 from dino_vos.masks import VOID_LABEL, ObjectIds, check_mask_size, resize_labels
-from dino_vos.propagation import LabelPropagator, labels_from_soft
+from dino_vos.propagation import LabelPropagator, labels_from_soft, labels_from_soft_guided
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import DIRECTIONS, Direction, PropagationConfig
 
@@ -201,12 +201,27 @@ class VideoPropagator:
         return object_ids.one_hot(small), object_ids
 
     def labels(
-        self, soft: torch.Tensor, object_ids: ObjectIds, size: tuple[int, int]
+        self,
+        soft: torch.Tensor,
+        object_ids: ObjectIds,
+        size: tuple[int, int],
+        image: np.ndarray | None = None,
     ) -> np.ndarray:
         """Object ids (H, W) at the frame size from a (C, h, w) soft map (the reference's
-        upsampling, normalisation and argmax, then nearest resizing)."""
-        channels = labels_from_soft(soft, self.features.patch_size).cpu().numpy()
-        return resize_labels(object_ids.to_ids(channels), size)
+        upsampling, normalisation and argmax, then nearest resizing). With ``upsample="guided"``
+        the RGB frame ``image`` guides the upsampling (docs/protocol.md#refinements); the
+        reference path ignores it."""
+        patch = self.features.patch_size
+        if self.config.upsample == "guided":
+            if image is None:
+                raise InputError("guided upsampling needs the frame image")
+            guide = guide_image(image, (soft.shape[1] * patch, soft.shape[2] * patch))
+            channels = labels_from_soft_guided(
+                soft, patch, guide, self.config.guided_radius, self.config.guided_eps
+            )
+        else:
+            channels = labels_from_soft(soft, patch)
+        return resize_labels(object_ids.to_ids(channels.cpu().numpy()), size)
 
     def _embedded(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, torch.Tensor]]:
         """(frame, patch features) in order: the one place frames meet the backbone (decoded
@@ -246,7 +261,7 @@ class VideoPropagator:
                 yield FrameResult(frame.index, frame.name, mask, None, object_ids, frame.image)
                 continue
             soft = engine.predict(features) if mask is not None else engine.step(features)
-            ids = self.labels(soft, object_ids, size)
+            ids = self.labels(soft, object_ids, size, frame.image)
             if mask is not None:  # a keyframe: correct, add objects, keep as a reference
                 ids = merge_keyframe(ids, mask, objects[frame.index])
                 new = [i for i in ObjectIds.from_mask(mask).ids if i not in object_ids.ids]
@@ -291,7 +306,7 @@ class VideoPropagator:
                     ids = forward_ids[first]
                     empty = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])
                     soft = fuse_soft_maps(empty, ids, result.soft, result.object_ids, 0.0)
-                    labels = self.labels(soft, ids, result.image.shape[:2])
+                    labels = self.labels(soft, ids, result.image.shape[:2], result.image)
                     yield FrameResult(index, result.name, labels, soft, ids, result.image)
                     continue
                 before = max(k for k in keyframes if k < index)
@@ -300,7 +315,7 @@ class VideoPropagator:
                 ids = forward_ids[index]
                 forward = store.load_tensor(f"{index}.forward")
                 soft = fuse_soft_maps(forward, ids, result.soft, result.object_ids, weight)
-                labels = self.labels(soft, ids, result.image.shape[:2])
+                labels = self.labels(soft, ids, result.image.shape[:2], result.image)
                 yield FrameResult(index, result.name, labels, soft, ids, result.image)
 
     @staticmethod
@@ -313,6 +328,16 @@ class VideoPropagator:
                 store.put(frame, features)
             if frame.index >= first:
                 yield frame, features
+
+
+def guide_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H', W') float32 grayscale guide in [0, 1] of an RGB uint8 frame, resized (area) to
+    ``size`` = the upsampled soft map (docs/protocol.md#refinements)."""
+    import cv2
+
+    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    resized = cv2.resize(gray, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(resized.astype(np.float32) / 255.0)
 
 
 def fuse_soft_maps(

@@ -356,6 +356,12 @@ def labels_from_soft(
         align_corners=False,
         recompute_scale_factor=False,
     )[0]
+    return _normalised_argmax(up)
+
+
+def _normalised_argmax(up: torch.Tensor) -> torch.Tensor:
+    """Per-channel min-max normalisation of (C, H, W) maps (channels whose max is positive),
+    then argmax over channels (docs/protocol.md#propagation)."""
     flat = up.flatten(1)
     low = flat.min(dim=1, keepdim=True).values
     shifted = flat - low
@@ -365,3 +371,48 @@ def labels_from_soft(
     scaled = torch.where(high > 0, shifted / high.clamp_min(1e-30), torch.full_like(shifted, 2.0))
     normed = torch.where(positive, scaled, flat).view_as(up)
     return normed.argmax(dim=0)
+
+
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a (2r+1)^2 window of each (..., H, W) map; windows are cut at the borders."""
+    shape = x.shape
+    flat = x.reshape(-1, 1, *shape[-2:])
+    out = F.avg_pool2d(flat, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    return out.reshape(shape)
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """Guided filter (He et al. 2010) of each channel of ``src`` (C, H, W) with a grayscale
+    ``guide`` (H, W) in [0, 1] (docs/protocol.md#refinements)."""
+    guide = guide[None].float()
+    mean_i = box_filter(guide, radius)
+    var_i = box_filter(guide * guide, radius) - mean_i * mean_i
+    mean_p = box_filter(src, radius)
+    cov_ip = box_filter(guide * src, radius) - mean_i * mean_p
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    return box_filter(a, radius) * guide + box_filter(b, radius)
+
+
+def labels_from_soft_guided(
+    soft: torch.Tensor,
+    patch_size: int,
+    guide: torch.Tensor,
+    radius: int | None = None,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    """:func:`labels_from_soft` with an edge-aware upsampling: the bilinearly upsampled soft
+    map is guided-filtered with ``guide`` (H', W'), the grayscale frame in [0, 1] at
+    ``h * patch_size`` x ``w * patch_size``, before the same normalisation and argmax
+    (docs/protocol.md#refinements). ``radius`` in pixels, None: the patch size."""
+    up = F.interpolate(
+        soft[None].float(),
+        scale_factor=patch_size,
+        mode="bilinear",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )[0]
+    if tuple(guide.shape) != tuple(up.shape[1:]):
+        raise ValueError(f"guide {tuple(guide.shape)} != upsampled map {tuple(up.shape[1:])}")
+    filtered = guided_filter(guide.to(up.device), up, radius or patch_size, eps)
+    return _normalised_argmax(filtered)

@@ -135,9 +135,26 @@ class KeyframeSchedule:
         return ",".join(map(str, self.frames))
 
 
+#: How the soft label maps are brought to pixel resolution (docs/protocol.md#refinements).
+Upsample = Literal["bilinear", "guided"]
+UPSAMPLE_MODES: tuple[str, ...] = ("bilinear", "guided")
+#: Named propagation settings (docs/protocol.md#refinements): dino is the reference protocol,
+#: crw the test setting of CRW (Jabri et al. 2020), vfs that of VFS (Xu & Wang 2021).
+PRESETS: dict[str, dict[str, float | int]] = {
+    "dino": {"topk": 5, "context": 7, "temperature": 0.1},
+    "crw": {"topk": 10, "context": 20, "temperature": 0.05},
+    "vfs": {"topk": 10, "context": 20, "temperature": 0.07},
+}
+
+
 @dataclass(frozen=True)
 class PropagationConfig:
-    """Parameters of label propagation (defaults: the DINO reference protocol)."""
+    """Parameters of label propagation (defaults: the DINO reference protocol).
+
+    ``upsample``: ``bilinear`` (reference) or ``guided`` (edge-aware, guided by the frame; with
+    ``guided_radius`` in pixels, None: the patch size, and ``guided_eps``), see
+    docs/protocol.md#refinements.
+    """
 
     topk: int = 5
     context: int = 7  # number of most recent frames besides the first one
@@ -146,6 +163,16 @@ class PropagationConfig:
     tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
     max_references: int = 5  # first frame + keyframes kept as permanent references
     max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
+    upsample: Upsample = "bilinear"
+    guided_radius: int | None = None
+    guided_eps: float = 1e-3
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> PropagationConfig:
+        """The config of preset ``name`` (:data:`PRESETS`), with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -160,9 +187,21 @@ class PropagationConfig:
             raise ValueError("tile must be at least 1")
         if self.max_references < 1:
             raise ValueError("max_references must be at least 1")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown upsample {self.upsample!r}: use {', '.join(UPSAMPLE_MODES)}")
+        if self.guided_radius is not None and self.guided_radius < 1:
+            raise ValueError("guided_radius must be at least 1 (None: the patch size)")
+        if not (math.isfinite(self.guided_eps) and self.guided_eps > 0):
+            raise ValueError("guided_eps must be a positive, finite number")
 
-    def to_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        """The fields; the upsampling ones only when not the reference ``bilinear``, so the
+        records (and reuse checks) of reference runs stay those of earlier versions."""
+        values = asdict(self)
+        if self.upsample == "bilinear":
+            for key in ("upsample", "guided_radius", "guided_eps"):
+                del values[key]
+        return values
 
 
 @dataclass(frozen=True)
@@ -183,6 +222,8 @@ class BackboneSpec:
     - ``resize``: the frame resize of :meth:`build`; ``device``: auto, cpu, cuda[:N].
     - ``batch_size`` (frames per forward, None: by device) and ``precision`` (fp32, fp16, bf16)
       of the features :meth:`build` gives.
+    - ``shift_ensemble``: N > 1 averages the features of N x N copies of the frame shifted by
+      multiples of patch/N pixels (N^2 forwards per frame, docs/protocol.md#refinements).
     """
 
     name: str | None = None
@@ -196,8 +237,11 @@ class BackboneSpec:
     batch_size: int | None = None
     precision: str = "fp32"
     allow_partial: bool = False
+    shift_ensemble: int = 1
 
     def __post_init__(self) -> None:
+        if self.shift_ensemble < 1:
+            raise ValueError("shift_ensemble must be at least 1 (1: off)")
         if isinstance(self.weights, Path):  # accept paths, store a picklable, hashable str
             object.__setattr__(self, "weights", str(self.weights))
 
@@ -248,12 +292,16 @@ class BackboneSpec:
         return backbone
 
     def build(self, announce: bool = False) -> BackboneFeatures:
-        """The backbone with this spec's frame resize: frames in, patch features out."""
-        from dino_vos.features import BackboneFeatures
+        """The backbone with this spec's frame resize: frames in, patch features out (shift
+        ensembled when ``shift_ensemble`` > 1)."""
+        from dino_vos.features import BackboneFeatures, ShiftEnsembleFeatures
 
-        return BackboneFeatures(
+        features = BackboneFeatures(
             self.build_backbone(announce),
             self.resize,
             batch_size=self.batch_size,
             precision=self.precision,  # type: ignore[arg-type]
         )
+        if self.shift_ensemble > 1:
+            return ShiftEnsembleFeatures(features, self.shift_ensemble)
+        return features

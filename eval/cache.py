@@ -74,6 +74,12 @@ def cache_key(features: BackboneFeatures, fingerprint: str) -> dict[str, object]
         "std": list(features.std),
         # autocast changes the features; fp32 keys stay those of earlier caches
         **({"precision": features.precision} if features.precision != "fp32" else {}),
+        # shift ensembling (docs/protocol.md#refinements) changes them too; off: earlier keys
+        **(
+            {"shift_ensemble": shifts}
+            if (shifts := getattr(features, "shift_ensemble", 1)) > 1
+            else {}
+        ),
     }
 
 

@@ -135,6 +135,11 @@ class SequenceEvaluator:
             "precision": self.features.precision,
             "keyframes": [sequence.stems[i] for i in self.settings.keyframe_indices(sequence)],
             "direction": self.settings.direction,
+            **(
+                {"shift_ensemble": shifts}
+                if (shifts := getattr(self.features, "shift_ensemble", 1)) > 1
+                else {}
+            ),
         }
 
     def is_up_to_date(self, sequence: DavisSequence) -> bool:

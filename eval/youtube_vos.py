@@ -170,6 +170,11 @@ class VideoWriter:
             "pos_embed": self.features.backbone.pos_embed_mode,
             "resize": self.features.resize.key(),
             "precision": self.features.precision,
+            **(
+                {"shift_ensemble": shifts}
+                if (shifts := getattr(self.features, "shift_ensemble", 1)) > 1
+                else {}
+            ),
         }
 
     def is_up_to_date(self, video: YouTubeVOSVideo) -> bool:

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
     DIRECTIONS,
     POS_EMBED_MODES,
+    PRESETS,
     RESIZE_RULES,
+    UPSAMPLE_MODES,
     BackboneSpec,
     PropagationConfig,
     ResizeSpec,
@@ -189,6 +192,7 @@ def with_backbone_spec(
             device=values["device"],
             batch_size=kwargs.pop("batch_size") if frames else None,
             precision=kwargs.pop("precision") if frames else "fp32",
+            shift_ensemble=kwargs.pop("shift_ensemble") if frames else 1,
             allow_partial=values["allow_partial"],
         )
         return func(spec=spec, **kwargs)
@@ -202,7 +206,8 @@ def with_backbone_spec(
 
 
 def frame_feature_options(func: Callable) -> Callable:
-    """--batch-size/--precision of the frame features (propagation and its benchmarks)."""
+    """--batch-size/--precision/--shift-ensemble of the frame features (propagation and its
+    benchmarks)."""
     return _apply(
         func,
         [
@@ -221,22 +226,44 @@ def frame_feature_options(func: Callable) -> Callable:
                 help="Backbone precision (fp16/bf16: autocast, for GPUs; fp16 needs CUDA). "
                 "Propagation stays fp32.",
             ),
+            click.option(
+                "--shift-ensemble",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Average the features of N x N inputs shifted by multiples of patch/N "
+                "pixels (1: off; N^2 forwards per frame; beyond the reference protocol).",
+            ),
         ],
     )
 
 
+def _given(name: str) -> bool:
+    """Whether option ``name`` was given (command line, environment), not left at its default."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return True
+    source = ctx.get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
 def propagation_options(func: Callable) -> Callable:
-    """--topk/--context/--radius/--temperature (defaults: the DINO reference protocol); the
-    command receives them as one ``config=PropagationConfig``."""
+    """--preset/--topk/--context/--radius/--temperature/--upsample (defaults: the DINO reference
+    protocol); the command receives them as one ``config=PropagationConfig``. A preset sets
+    top-k, context and temperature; those options given explicitly override it
+    (docs/protocol.md#refinements)."""
 
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
-        config = PropagationConfig(
-            topk=kwargs.pop("topk"),
-            context=kwargs.pop("context"),
+        preset = kwargs.pop("preset")
+        values = {key: kwargs.pop(key) for key in ("topk", "context", "temperature")}
+        overrides = {key: value for key, value in values.items() if _given(key)}
+        config = PropagationConfig.preset(
+            preset,
+            **overrides,
             radius=kwargs.pop("radius"),
-            temperature=kwargs.pop("temperature"),
             max_references=kwargs.pop("max_references"),
+            upsample=kwargs.pop("upsample"),
         )
         return func(config=config, **kwargs)
 
@@ -244,18 +271,25 @@ def propagation_options(func: Callable) -> Callable:
         wrapper,
         [
             click.option(
+                "--preset",
+                type=click.Choice(tuple(PRESETS)),
+                default="dino",
+                show_default=True,
+                help="Propagation setting: dino (reference protocol: top-k 5, context 7, "
+                "temperature 0.1), crw (10, 20, 0.05), vfs (10, 20, 0.07). --topk, --context "
+                "and --temperature given explicitly override it.",
+            ),
+            click.option(
                 "--topk",
                 type=click.IntRange(min=1),
                 default=_PROPAGATION_DEFAULTS.topk,
-                show_default=True,
-                help="Neighbours kept jointly over the context frames.",
+                help="Neighbours kept jointly over the context frames [default: from --preset].",
             ),
             click.option(
                 "--context",
                 type=click.IntRange(min=0),
                 default=_PROPAGATION_DEFAULTS.context,
-                show_default=True,
-                help="Recent frames used besides the first one.",
+                help="Recent frames used besides the first one [default: from --preset].",
             ),
             click.option(
                 "--radius",
@@ -268,8 +302,7 @@ def propagation_options(func: Callable) -> Callable:
                 "--temperature",
                 type=FiniteFloat(min=0, min_open=True),
                 default=_PROPAGATION_DEFAULTS.temperature,
-                show_default=True,
-                help="Softmax temperature of the affinities.",
+                help="Softmax temperature of the affinities [default: from --preset].",
             ),
             click.option(
                 "--max-references",
@@ -278,6 +311,14 @@ def propagation_options(func: Callable) -> Callable:
                 show_default=True,
                 help="Annotated frames kept as references (the first one always; keyframes "
                 "beyond this drop the oldest).",
+            ),
+            click.option(
+                "--upsample",
+                type=click.Choice(UPSAMPLE_MODES),
+                default="bilinear",
+                show_default=True,
+                help="Soft-map upsampling: bilinear (reference) or guided (edge-aware guided "
+                "filter with the frame as guide; beyond the reference protocol).",
             ),
         ],
     )

@@ -36,6 +36,7 @@ def _run_metadata(features: Any) -> dict[str, Any]:
         "resize": features.resize.key(),
         "precision": features.precision,
         "batch_size": features.batch_size,
+        "shift_ensemble": getattr(features, "shift_ensemble", 1),
     }
 
 
