@@ -22,8 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from dino_vos.atomic import atomic_write_bytes, atomic_write_json
 from dino_vos.console import console
-from dino_vos.errors import InputError
-from dino_vos.outputs import MANIFEST_NAME, check_out_dir, listed_outputs, read_manifest
+from dino_vos.errors import DinoVosError, InputError
+from dino_vos.outputs import (
+    MANIFEST_NAME,
+    check_not_an_input,
+    check_out_dir,
+    check_writable,
+    listed_outputs,
+    read_manifest,
+)
 from dino_vos.spec import PropagationConfig
 
 if TYPE_CHECKING:
@@ -226,10 +233,14 @@ def _row(point: dict[str, Value], job: DavisJob, status: str) -> SweepRow:
 
 def run_sweep(job: SweepJob) -> list[SweepRow] | None:
     """Run (or reuse) every setting; rank 0 writes the sweep reports and returns the rows (other
-    torchrun ranks run their share of each setting and return None)."""
+    torchrun ranks run their share of each setting and return None).
+
+    Under torchrun one gloo process group serves the whole sweep: rank 0 checks the inputs and
+    the output folder, decides which settings are complete and tells the other ranks (its error,
+    if any, stops every rank at once instead of leaving them waiting).
+    """
     from dino_vos.distributed import launch_env
-    from dino_vos.eval.davis_data import DavisDataset
-    from dino_vos.eval.davis_main import check_job, run_davis
+    from dino_vos.eval.davis_main import check_job
 
     base = job.base
     if base.scoring_only:
@@ -237,7 +248,40 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
     check_job(base)
     points = job.grid.points()
     jobs = [job.setting_job(point) for point in points]  # validates every setting up front
-    rank, _ = launch_env()
+    rank, world = launch_env()
+    if world <= 1:
+        return _run_settings(job, points, jobs, _prepare(job, jobs), rank)
+    import torch.distributed as dist
+
+    from dino_vos.distributed import GATHER_TIMEOUT, all_gather_objects, is_enabled
+
+    created = not is_enabled()
+    if created:
+        dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
+    try:
+        error: DinoVosError | None = None
+        plan: list[bool] | None = None
+        if rank == 0:
+            try:
+                plan = _prepare(job, jobs)
+            except DinoVosError as exc:
+                error = exc
+        message, plan = all_gather_objects((str(error) if error else None, plan))[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise InputError(message)
+        return _run_settings(job, points, jobs, plan, rank)
+    finally:
+        if created and is_enabled():
+            dist.destroy_process_group()
+
+
+def _prepare(job: SweepJob, jobs: Sequence[DavisJob]) -> list[bool]:
+    """Check the inputs and the sweep folder, mark it as ours; which settings are complete."""
+    from dino_vos.eval.davis_data import DavisDataset
+
+    base = job.base
     dataset = DavisDataset(  # input errors before anything is written
         base.davis_root,
         base.split,
@@ -246,33 +290,45 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
         list(base.sequences) if base.sequences else None,
         max_frames=base.max_frames,
     )
-    # every rank decides from the same files which settings are complete (rank 0 writes a
-    # setting's "complete" only after all ranks ran it, so the plans agree)
-    complete = [is_complete(setting) for setting in jobs]
-    if rank == 0:
-        inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]
-        check_out_dir(job.out_dir, inputs, base.overwrite, is_previous_result=is_sweep_result)
-        previous = read_manifest(job.out_dir) if is_sweep_result(job.out_dir) else {}
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(  # keeps the list of our files: reports of the last sweep stay ours
-            job.out_dir / MANIFEST_NAME,
-            {
-                "format": SWEEP_FORMAT,
-                "status": "running",
-                "sweep": job.sweep_key(),
-                "outputs": sorted(listed_outputs(previous)),
-            },
-        )
+    inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]
+    check_out_dir(job.out_dir, inputs, base.overwrite, is_previous_result=is_sweep_result)
+    if base.cache_dir is not None:
+        check_not_an_input(base.cache_dir, inputs, "--cache")
+        check_writable(base.cache_dir, "--cache")
+    previous = read_manifest(job.out_dir) if is_sweep_result(job.out_dir) else {}
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(  # keeps the list of our files: reports of the last sweep stay ours
+        job.out_dir / MANIFEST_NAME,
+        {
+            "format": SWEEP_FORMAT,
+            "status": "running",
+            "sweep": job.sweep_key(),
+            "outputs": sorted(listed_outputs(previous)),
+        },
+    )
+    return [is_complete(setting) for setting in jobs]
+
+
+def _run_settings(
+    job: SweepJob,
+    points: Sequence[dict[str, Value]],
+    jobs: Sequence[DavisJob],
+    complete: Sequence[bool],
+    rank: int,
+) -> list[SweepRow] | None:
+    from dino_vos.eval.davis_main import run_davis
+
     features = None
     rows: list[SweepRow] = []
     for index, (point, setting, done) in enumerate(zip(points, jobs, complete, strict=True)):
         console.print(f"[bold]Sweep setting {index + 1}/{len(points)}:[/] {tag(point)}")
         if done:
             console.print("Complete reports found: reused")
-            rows.append(_row(point, setting, "reused"))
+            if rank == 0:
+                rows.append(_row(point, setting, "reused"))
             continue
         if features is None:  # built once (worker processes build their own per setting)
-            features = base.spec.build(announce=True)  # type: ignore[union-attr]
+            features = job.base.spec.build(announce=True)  # type: ignore[union-attr]
         run = run_davis(setting, features)
         if run is not None:
             rows.append(_row(point, setting, "propagated"))

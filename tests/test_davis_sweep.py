@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,11 +34,10 @@ def davis_root(tmp_path_factory) -> Path:
     return write_davis(tmp_path_factory.mktemp("davis"))
 
 
-def sweep(root: Path, weights: Path, out: Path):
-    result = invoke(
-        *run_args(root, weights, out, *SEQUENCES),
-        "--sweep", "temperature=0.1,0.05", "topk=1,3",
-    )  # fmt: skip
+def sweep(root: Path, weights: Path, out: Path, repeated: bool = False):
+    """The 2x2 grid, as ``--sweep A B`` or (``repeated``) as ``--sweep A --sweep B``."""
+    tokens = ["temperature=0.1,0.05", "--sweep" if repeated else None, "topk=1,3"]
+    result = invoke(*run_args(root, weights, out, *SEQUENCES), "--sweep", *[t for t in tokens if t])
     assert result.exit_code == 0, result.output
     return json.loads((out / "sweep.json").read_text())["rows"]
 
@@ -74,7 +76,7 @@ def test_sweep_grid_cache_reports_and_resume(davis_root, tiny_weights, tmp_path)
     assert len({row["J&F-Mean"] for row in rows}) > 1  # the parameters do change the scores
 
     # a second invocation reuses every setting and computes nothing
-    again = sweep(davis_root, tiny_weights, out)
+    again = sweep(davis_root, tiny_weights, out, repeated=True)  # the same grid
     assert [row["status"] for row in again] == ["reused"] * 4
     assert [row["J&F-Mean"] for row in again] == [row["J&F-Mean"] for row in rows]
     # a deleted setting is the only one redone, from the cache
@@ -83,6 +85,28 @@ def test_sweep_grid_cache_reports_and_resume(davis_root, tiny_weights, tmp_path)
     assert [row["status"] for row in redone] == ["reused", "reused", "propagated", "reused"]
     assert redone[2]["cache_misses"] == 0 and redone[2]["cache_hits"] == FRAMES
     assert redone[2]["J&F-Mean"] == rows[2]["J&F-Mean"]
+
+
+def test_sweep_under_torchrun(davis_root, tiny_weights, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not found next to the Python interpreter")
+    out = tmp_path / "sweep"
+    command = [
+        str(torchrun), "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000),
+        "-m", "dino_vos", "eval", "davis", *map(str, run_args(davis_root, tiny_weights, out)),
+        *SEQUENCES, "--sweep", "topk=1,3",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [row["tag"] for row in rows] == ["topk1", "topk3"]
+    assert [row["status"] for row in rows] == ["propagated"] * 2
+    assert sum(row["cache_misses"] for row in rows) == FRAMES  # each rank filled its share
+    for row in rows:
+        report = json.loads((out / "settings" / row["tag"] / "davis_results-val.json").read_text())
+        assert report["settings"]["world_size"] == 2
+        assert {s["name"]: s["rank"] for s in report["sequences"]} == {"alpha": 0, "beta": 1}
 
 
 def test_sweep_refuses_a_foreign_out_folder(davis_root, tiny_weights, tmp_path):
