@@ -143,6 +143,20 @@ def test_bad_sweep_tokens_exit_2_with_one_line(davis_root, tiny_weights, tmp_pat
     assert len(errors) == 1, result.output
 
 
+def test_bad_sweep_tokens_load_no_torch():
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom dino_vos.cli import main\n"
+        "for tokens in (['--sweep', 'topk=a'], ['topk=1'], ['--sweep', 'depth=1']):\n"
+        "    r = CliRunner().invoke(main, ['eval', 'davis', '--davis-root', 'x', '--out', 'o', "
+        "*tokens])\n"
+        "    assert r.exit_code == 2, r.output\n"
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_grid_tags_and_influence():
     grid = SweepGrid.from_values({"radius": [None, 12], "topk": [5, 10]})
     assert grid.names == ["topk", "radius"]  # canonical order, whatever the command-line order

@@ -132,15 +132,14 @@ def davis(
     --sweep topk=5,10 context=7,20 runs every combination over one feature cache (--cache, else
     OUT/feature-cache) and writes a table, sweep.csv, sweep.json and a heat-map to OUT.
     """
-    from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
-
     if sweep_more and not sweep:
         raise click.UsageError(
             f"unexpected argument {sweep_more[0]!r}: NAME=V1,V2 arguments need --sweep"
         )
-    grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None
+    grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
     if grid is not None and results_dir is not None:
         raise click.UsageError("--sweep propagates: drop --results (or --sweep)")
+    from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
 
     try:
         schedule = KeyframeSchedule.parse(keyframes) if keyframes is not None else None
