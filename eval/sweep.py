@@ -296,6 +296,13 @@ def _prepare(job: SweepJob, jobs: Sequence[DavisJob]) -> list[bool]:
         check_not_an_input(base.cache_dir, inputs, "--cache")
         check_writable(base.cache_dir, "--cache")
     previous = read_manifest(job.out_dir) if is_sweep_result(job.out_dir) else {}
+    ours = listed_outputs(previous)
+    for name in SWEEP_OUTPUTS.values():  # --overwrite still never replaces the user's files
+        if (job.out_dir / name).exists() and name not in ours:
+            raise InputError(
+                f"{job.out_dir / name} was not written by dino-vos and is not replaced: choose "
+                "another --out"
+            )
     job.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(  # keeps the list of our files: reports of the last sweep stay ours
         job.out_dir / MANIFEST_NAME,
@@ -303,7 +310,7 @@ def _prepare(job: SweepJob, jobs: Sequence[DavisJob]) -> list[bool]:
             "format": SWEEP_FORMAT,
             "status": "running",
             "sweep": job.sweep_key(),
-            "outputs": sorted(listed_outputs(previous)),
+            "outputs": sorted(ours),
         },
     )
     return [is_complete(setting) for setting in jobs]

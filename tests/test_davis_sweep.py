@@ -116,6 +116,12 @@ def test_sweep_refuses_a_foreign_out_folder(davis_root, tiny_weights, tmp_path):
     result = invoke(*run_args(davis_root, tiny_weights, out, *SEQUENCES), "--sweep", "topk=1,2")
     assert result.exit_code == 2 and "is not empty and is not a dino-vos result" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "sweep.csv").write_text("mine")  # --overwrite writes beside, never over, such files
+    result = invoke(
+        *run_args(davis_root, tiny_weights, out, *SEQUENCES), "--sweep", "topk=1,2", "--overwrite"
+    )
+    assert result.exit_code == 2 and "sweep.csv was not written by dino-vos" in result.output
+    assert (out / "sweep.csv").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
