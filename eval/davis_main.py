@@ -168,8 +168,12 @@ def check_job(job: DavisJob, given: Sequence[str] = ()) -> None:
         raise InputError("propagation needs a backbone spec")
 
 
-def run_davis(job: DavisJob) -> DavisRun | None:
-    """Evaluate (or only score) a DAVIS split and write the reports (rank 0; None elsewhere)."""
+def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisRun | None:
+    """Evaluate (or only score) a DAVIS split and write the reports (rank 0; None elsewhere).
+
+    ``features``: a backbone already built from ``job.spec`` (a sweep builds it once for all its
+    settings); None builds it here.
+    """
     check_job(job)
     rank, world = launch_env()
     if rank > 0:
@@ -208,7 +212,10 @@ def run_davis(job: DavisJob) -> DavisRun | None:
     )
     if job.report_label != job.split:
         console.print(f"Protocol: {_protocol(job)}")
-    features = None if job.scoring_only else job.spec.build(announce=True)  # type: ignore[arg-type]
+    if job.scoring_only:
+        features = None
+    elif features is None:
+        features = job.spec.build(announce=True)  # type: ignore[union-attr]
     shard_frames = sum(len(s.annotations) for s in shard_sequences(dataset.sequences, rank, world))
     with progress_bar("frames") as progress:
         task = progress.add_task(

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from dino_vos.cli.options import (
     cache_option,
+    convert_propagation_value,
     direction_option,
     overwrite_option,
     propagation_options,
     with_backbone_spec,
 )
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
+
+if TYPE_CHECKING:
+    from dino_vos.eval.sweep import SweepGrid
 
 
 @click.command("davis")
@@ -77,6 +82,16 @@ from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, Propagation
 @direction_option(
     ["forward", "both"], "both: fuse forward and backward propagation between keyframes."
 )
+@click.option(
+    "--sweep",
+    "sweep",
+    multiple=True,
+    metavar="NAME=V1,V2",
+    help="Sweep propagation parameters (topk, context, radius, temperature, max_references) over "
+    "one feature cache: every combination runs into OUT/settings/<tag>/; further NAME=V1,V2 may "
+    "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (README: Parameter sweeps).",
+)
+@click.argument("sweep_more", nargs=-1, metavar="[NAME=V1,V2]...")
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)
 def davis(
@@ -94,6 +109,8 @@ def davis(
     ignore_void: bool,
     keyframes: str | None,
     direction: Direction,
+    sweep: tuple[str, ...],
+    sweep_more: tuple[str, ...],
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
@@ -103,7 +120,17 @@ def davis(
     run resumes), then writes global_results-<split>.csv, per-sequence_results-<split>.csv,
     davis_results-<split>.json and a per-object bar chart. Under torchrun every rank takes a
     share of the sequences and rank 0 writes the results.
+
+    --sweep topk=5,10 context=7,20 runs every combination over one feature cache (--cache, else
+    OUT/feature-cache) and writes a table, sweep.csv, sweep.json and a heat-map to OUT.
     """
+    if sweep_more and not sweep:
+        raise click.UsageError(
+            f"unexpected argument {sweep_more[0]!r}: NAME=V1,V2 arguments need --sweep"
+        )
+    grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
+    if grid is not None and results_dir is not None:
+        raise click.UsageError("--sweep propagates: drop --results (or --sweep)")
     from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
 
     try:
@@ -142,4 +169,27 @@ def davis(
         direction=direction,
     )
     check_job(job, given)
-    run_davis(job)
+    if grid is None:
+        run_davis(job)
+        return
+    from dino_vos.eval.sweep import SweepJob, run_sweep
+
+    run_sweep(SweepJob(job, grid))
+
+
+def _sweep_grid(tokens: list[str]) -> SweepGrid:
+    """The grid of ``--sweep`` tokens, each value read by its option's own type."""
+    from dino_vos.eval.sweep import SweepGrid, split_tokens
+
+    values = {}
+    for name, texts in split_tokens(tokens).items():
+        converted = []
+        for text in texts:
+            try:
+                converted.append(convert_propagation_value(name, text))
+            except click.BadParameter as exc:
+                raise click.BadParameter(
+                    f"{name}={text}: {exc.message}", param_hint="--sweep"
+                ) from None
+        values[name] = converted
+    return SweepGrid.from_values(values)

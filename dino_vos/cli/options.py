@@ -70,6 +70,22 @@ class Radius(click.ParamType):
         return radius
 
 
+#: The value type of every propagation parameter, shared by --topk ... --max-references and the
+#: ``--sweep NAME=V1,V2`` values of ``eval davis`` (one parser, one set of rules).
+PROPAGATION_TYPES: dict[str, click.ParamType] = {
+    "topk": click.IntRange(min=1),
+    "context": click.IntRange(min=0),
+    "radius": Radius(),
+    "temperature": FiniteFloat(min=0, min_open=True),
+    "max_references": click.IntRange(min=1),
+}
+
+
+def convert_propagation_value(name: str, text: str) -> Any:
+    """``text`` as a value of propagation parameter ``name`` (click.BadParameter if invalid)."""
+    return PROPAGATION_TYPES[name].convert(text, None, None)
+
+
 def _apply(func: Callable, options: list[Callable]) -> Callable:
     for option in reversed(options):
         func = option(func)
@@ -281,32 +297,32 @@ def propagation_options(func: Callable) -> Callable:
             ),
             click.option(
                 "--topk",
-                type=click.IntRange(min=1),
+                type=PROPAGATION_TYPES["topk"],
                 default=_PROPAGATION_DEFAULTS.topk,
                 help="Neighbours kept jointly over the context frames [default: from --preset].",
             ),
             click.option(
                 "--context",
-                type=click.IntRange(min=0),
+                type=PROPAGATION_TYPES["context"],
                 default=_PROPAGATION_DEFAULTS.context,
                 help="Recent frames used besides the first one [default: from --preset].",
             ),
             click.option(
                 "--radius",
-                type=Radius(),
+                type=PROPAGATION_TYPES["radius"],
                 default=str(_PROPAGATION_DEFAULTS.radius),
                 show_default=True,
                 help="Square window half-size in patches; none: the whole frame.",
             ),
             click.option(
                 "--temperature",
-                type=FiniteFloat(min=0, min_open=True),
+                type=PROPAGATION_TYPES["temperature"],
                 default=_PROPAGATION_DEFAULTS.temperature,
                 help="Softmax temperature of the affinities [default: from --preset].",
             ),
             click.option(
                 "--max-references",
-                type=click.IntRange(min=1),
+                type=PROPAGATION_TYPES["max_references"],
                 default=_PROPAGATION_DEFAULTS.max_references,
                 show_default=True,
                 help="Annotated frames kept as references (the first one always; keyframes "
