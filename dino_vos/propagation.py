@@ -1,15 +1,19 @@
 """Windowed k-NN label propagation over a temporal context (docs/protocol.md#propagation).
 
 The reference builds an N x N affinity per context frame and multiplies it by a window mask.
-Here the target grid is cut into square tiles; each tile only meets the (tile + 2 * radius)
-square of source patches around it, so the work is proportional to N * window instead of N^2,
-and memory is bounded by ``max_chunk_bytes`` whatever the video length.
+Here only window similarities are computed, one window row at a time: the source patches of
+window row y around column x (columns x - radius .. x + radius, every context frame) are the
+same for the 2 radius + 1 targets (y - radius .. y + radius, x) of that column, and with
+targets and sources stored row by row, the products of all the (y, x) of a group of source
+rows form one batched matrix product with constant strides. Each group then merges what it
+found into a running list of every target's best candidates; memory is bounded by
+``max_chunk_bytes`` whatever the grid and the video length. When the window covers the whole
+grid, the candidates are all the context patches, compared in plain products.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,106 +21,101 @@ import torch.nn.functional as F
 
 from dino_vos.spec import PropagationConfig
 
+# Candidates kept beyond the (k+1)-th in the running lists, so that ties with the k-th (several
+# context frames holding the same patch, for instance) are resolved without a second pass.
+_SPARE = 8
+
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Tiling of an (h, w) patch grid: target tiles of ``tile`` and source windows of ``span``."""
+    """A patch grid and its window radii, clipped to the grid.
+
+    ``windowed`` is False when every window covers the whole grid (no radius, or a radius at
+    least the grid's size): then the radii are 0 and nothing is padded.
+    """
 
     height: int
     width: int
-    tile: int
-    radius: int
+    radius_y: int
+    radius_x: int
+    windowed: bool
 
     @classmethod
     def create(cls, height: int, width: int, config: PropagationConfig) -> _Geometry:
-        longest = max(height, width)
-        radius = min(config.radius if config.radius is not None else longest, longest)
-        return cls(height, width, min(config.tile, longest), radius)
+        radius = config.radius
+        radius_y = height - 1 if radius is None else min(radius, height - 1)
+        radius_x = width - 1 if radius is None else min(radius, width - 1)
+        if radius_y == height - 1 and radius_x == width - 1:
+            return cls(height, width, 0, 0, False)
+        return cls(height, width, radius_y, radius_x, True)
 
     @property
-    def span(self) -> int:
-        return self.tile + 2 * self.radius
+    def window(self) -> tuple[int, int]:
+        """Rows and columns of a window (positions beyond the grid included)."""
+        return 2 * self.radius_y + 1, 2 * self.radius_x + 1
 
     @property
-    def tiles(self) -> tuple[int, int]:
-        return math.ceil(self.height / self.tile), math.ceil(self.width / self.tile)
-
-    @property
-    def padded(self) -> tuple[int, int]:
-        """Source buffer size: radius on every side plus the last tile's overhang."""
-        tiles_y, tiles_x = self.tiles
-        return tiles_y * self.tile + 2 * self.radius, tiles_x * self.tile + 2 * self.radius
-
-    def windows(self, buffer: torch.Tensor) -> torch.Tensor:
-        """(M, Hp, Wp, C) padded buffer -> strided view (tiles_y, tiles_x, M, span, span, C)."""
-        frames, _, _, channels = buffer.shape
-        s_m, s_h, s_w, s_c = buffer.stride()
-        tiles_y, tiles_x = self.tiles
-        return buffer.as_strided(
-            (tiles_y, tiles_x, frames, self.span, self.span, channels),
-            (self.tile * s_h, self.tile * s_w, s_m, s_h, s_w, s_c),
-            buffer.storage_offset(),
-        )
-
-    def target_tiles(self, target: torch.Tensor) -> torch.Tensor:
-        """(h, w, D) -> (tiles_y, tiles_x, tile * tile, D), zero-padded at the bottom/right."""
-        tiles_y, tiles_x = self.tiles
-        t = self.tile
-        padded = F.pad(target, (0, 0, 0, tiles_x * t - self.width, 0, tiles_y * t - self.height))
-        return (
-            padded.view(tiles_y, t, tiles_x, t, -1)
-            .transpose(1, 2)
-            .reshape(tiles_y, tiles_x, t * t, -1)
-        )
-
-    def window_mask(self, device: torch.device) -> torch.Tensor:
-        """(tile*tile, span*span): source within the square window of each tile position."""
-        t = torch.arange(self.tile, device=device)
-        s = torch.arange(self.span, device=device) - self.radius
-        near = (s.view(1, -1) - t.view(-1, 1)).abs() <= self.radius
-        mask = near.view(self.tile, 1, self.span, 1) & near.view(1, self.tile, 1, self.span)
-        return mask.reshape(self.tile * self.tile, self.span * self.span)
+    def padded_width(self) -> int:
+        return self.width + 2 * self.radius_x
 
 
 class _ContextBuffer:
-    """Zero-padded features and labels of the reference frames and the recent frames.
+    """Features and labels of the reference frames and the recent frames.
 
-    Slots 0..fixed-1 hold the references (the first frame, then keyframes); slots
-    fixed..capacity-1 a ring of the most recent frames. Each frame is copied into the buffer
-    once, when it enters the context.
+    keys: the grid padded with radius_y zero rows above and below, flattened row by row, with
+    radius_x zero positions before and after: ((h + 2 radius_y) * w + 2 radius_x, frames, D).
+    The frame axis sits next to the channels, so the sources of one window row, all frames, are
+    one matrix, and the next position's start one position later. labels: (h + 2 radius_y, w +
+    2 radius_x, frames, C), zero-padded. The frame axis grows up to ``capacity`` (a step only
+    sees frames that exist). Slots 0..fixed-1 hold the references (the first frame, then
+    keyframes); slots fixed..capacity-1 a ring of the most recent frames. Each frame is copied
+    in once, when it enters the context.
     """
 
     def __init__(
-        self, geometry: _Geometry, capacity: int, dim: int, classes: int, device, fixed: int = 1
-    ):
+        self,
+        geometry: _Geometry,
+        capacity: int,
+        dim: int,
+        classes: int,
+        device: torch.device | str,
+        fixed: int = 1,
+    ) -> None:
         self.geometry = geometry
-        hp, wp = geometry.padded
-        self.keys = torch.zeros(capacity, hp, wp, dim, device=device)
-        self.labels = torch.zeros(capacity, hp, wp, classes, device=device)
-        self.valid = torch.zeros(1, hp, wp, 1, device=device)
-        self._interior(self.valid)[:] = 1
-        self.count = 0
+        self.capacity = capacity
+        g = geometry
+        positions = (g.height + 2 * g.radius_y) * g.width + 2 * g.radius_x
+        self.keys = torch.zeros(positions, 0, dim, device=device)
+        self.labels = torch.zeros(
+            g.height + 2 * g.radius_y, g.padded_width, 0, classes, device=device
+        )
         self.fixed = fixed
         self._next_recent = fixed
+
+    @property
+    def count(self) -> int:
+        return self.keys.shape[1]
 
     @property
     def classes(self) -> int:
         return self.labels.shape[-1]
 
-    def _interior(self, buffer: torch.Tensor) -> torch.Tensor:
-        g = self.geometry
-        return buffer[:, g.radius : g.radius + g.height, g.radius : g.radius + g.width]
-
     def put(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Store (h, w, D) normalised features and (C, h, w) labels in the next slot."""
-        capacity = self.keys.shape[0]
-        slot = self.count if self.count < capacity else self._next_recent
-        if self.count >= capacity:
-            ring = capacity - self.fixed
-            self._next_recent = self.fixed + (self._next_recent - self.fixed + 1) % ring
-        self.count = min(self.count + 1, capacity)
-        self._interior(self.keys)[slot] = features
-        self._interior(self.labels)[slot] = labels.movedim(0, -1)
+        if self.count < self.capacity:
+            slot = self.count
+            self.keys = F.pad(self.keys, (0, 0, 0, 1))
+            self.labels = F.pad(self.labels, (0, 0, 0, 1))
+        else:
+            slot = self._next_recent
+            ring = self.capacity - self.fixed
+            self._next_recent = self.fixed + (slot - self.fixed + 1) % ring
+        g = self.geometry
+        start = g.radius_x + g.radius_y * g.width
+        grid = self.keys[start : start + g.height * g.width]
+        grid.view(g.height, g.width, *self.keys.shape[1:])[:, :, slot] = features
+        columns = slice(g.radius_x, g.radius_x + g.width)
+        self.labels[g.radius_y : g.radius_y + g.height, columns, slot] = labels.movedim(0, -1)
 
     def add_classes(self, extra: int) -> None:
         """Append ``extra`` all-zero label channels (objects that appear later)."""
@@ -132,7 +131,7 @@ class _ContextBuffer:
             if max_references == 1:
                 return self  # the first frame stays the only reference
             references = [0, *references[2:]]
-        ring = self.keys.shape[0] - self.fixed
+        ring = self.capacity - self.fixed
         new = _ContextBuffer(
             self.geometry,
             len(references) + 1 + ring,
@@ -141,27 +140,59 @@ class _ContextBuffer:
             self.keys.device,
             fixed=len(references) + 1,
         )
-        for slot in references:
-            new._copy_from(self, slot)
+        new.keys = self.keys[:, references].clone()
+        new.labels = self.labels[:, :, references].clone()
         new.put(features, labels)
         return new
 
-    def _copy_from(self, other: _ContextBuffer, slot: int) -> None:
-        self.keys[self.count] = other.keys[slot]
-        self.labels[self.count] = other.labels[slot]
-        self.count += 1
+    def window_keys(self) -> torch.Tensor:
+        """(h, w, window rows, window columns * frames, D) view: each target's window."""
+        g = self.geometry
+        position, frames, dim = self.keys.stride(0), self.count, self.keys.shape[-1]
+        window_rows, window_cols = g.window
+        return self.keys.as_strided(
+            (g.height, g.width, window_rows, window_cols * frames, dim),
+            (g.width * position, position, g.width * position, dim, 1),
+            self.keys.storage_offset(),
+        )
+
+    def label_rows(self, targets: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Rows of ``labels.reshape(-1, C)`` of window candidates: targets (B, 1) flat target
+        positions, window (B, K) indices into their (window rows, window columns * frames)."""
+        g = self.geometry
+        line = g.window[1] * self.count
+        y, x = targets // g.width, targets % g.width
+        origin = (y * g.padded_width + x) * self.count  # the window's corner, padded
+        return origin + (window // line) * (g.padded_width * self.count) + window % line
 
 
-def _chunks(tiles_y: int, tiles_x: int, per_chunk: int) -> Iterator[tuple[slice, slice]]:
-    """Blocks of at most ``per_chunk`` tiles: whole tile rows when they fit, else row pieces."""
-    if per_chunk >= tiles_x:
-        rows = per_chunk // tiles_x
-        for y0 in range(0, tiles_y, rows):
-            yield slice(y0, min(y0 + rows, tiles_y)), slice(0, tiles_x)
-        return
-    for y in range(tiles_y):
-        for x0 in range(0, tiles_x, per_chunk):
-            yield slice(y, y + 1), slice(x0, min(x0 + per_chunk, tiles_x))
+def _row_groups(
+    g: _Geometry, frames: int, keep: int, budget: int
+) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Groups of source rows x columns whose products and candidate blocks fit in ``budget``
+    bytes: whole rows when one does (as many as fit), else pieces of one row (at least one
+    position). Returns the largest group's floats and the groups (y0, rows, x0, columns)."""
+    window_rows, window_cols = g.window
+    line = window_cols * frames
+
+    def floats(rows: int, cols: int) -> int:
+        targets = min(g.height, rows + 2 * g.radius_y) * cols
+        return rows * cols * window_rows * line + targets * (rows * line + 3 * keep)
+
+    rows, cols = 1, g.width
+    if floats(1, g.width) * 4 <= budget:
+        while rows < g.height and floats(rows + 1, g.width) * 4 <= budget:
+            rows += 1
+        rows = math.ceil(g.height / math.ceil(g.height / rows))  # balanced
+    else:
+        while cols > 1 and floats(1, cols) * 4 > budget:
+            cols -= 1
+    groups = [
+        (y0, min(rows, g.height - y0), x0, min(cols, g.width - x0))
+        for y0 in range(0, g.height, rows)
+        for x0 in range(0, g.width, cols)
+    ]
+    return floats(rows, cols), groups
 
 
 class LabelPropagator:
@@ -176,7 +207,6 @@ class LabelPropagator:
     def __init__(self, config: PropagationConfig | None = None) -> None:
         self.config = config or PropagationConfig()
         self._buffer: _ContextBuffer | None = None
-        self._masks: dict[tuple, torch.Tensor] = {}
 
     def reset(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Start a video from its first frame's features (h, w, D) and labels (C, h, w)."""
@@ -268,78 +298,163 @@ class LabelPropagator:
         return self._soft_labels(target, buffer)
 
     def _soft_labels(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
+        height, width = target.shape[:2]
+        if buffer.geometry.windowed:
+            votes = self._window_votes(target, buffer)
+        else:
+            votes = self._global_votes(target, buffer)
+        return votes.T.reshape(-1, height, width)
+
+    def _keep(self, candidates: int) -> tuple[int, int]:
+        """(k, length of the running lists) for rows of ``candidates`` candidates."""
+        k = min(self.config.topk, candidates)
+        return k, min(candidates, k + 1 + _SPARE)
+
+    def _window_votes(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
+        """(h * w, C) votes over the square windows (see the module docstring)."""
         g = buffer.geometry
-        dim, num_ctx, num_cls = target.shape[-1], buffer.count, buffer.labels.shape[-1]
-        tiles_y, tiles_x = g.tiles
-        area, source_len = g.tile * g.tile, num_ctx * g.span * g.span
-        key_windows = g.windows(buffer.keys[:num_ctx])
-        label_windows = g.windows(buffer.labels[:num_ctx])
-        valid_windows = g.windows(buffer.valid) > 0  # ty, tx, 1, s, s, 1
-        queries = g.target_tiles(target)
-        # zero-padded targets beyond the grid tie everywhere: keep them off the tie path
-        real_targets = g.target_tiles(target.new_ones(g.height, g.width, 1))[..., 0] > 0
-        in_window = self._window_mask(g, target.device).view(1, area, 1, -1)
-
-        # bytes per tile: gathered keys and labels, similarities and their mask
-        per_tile = source_len * (dim + num_cls + 2 * area) * 4
-        per_chunk = max(1, self.config.max_chunk_bytes // per_tile)
-        out = torch.empty(tiles_y, tiles_x, area, num_cls, device=target.device)
-        for rows, cols in _chunks(tiles_y, tiles_x, per_chunk):
-            count = (rows.stop - rows.start) * (cols.stop - cols.start)
-            q = queries[rows, cols].reshape(count, area, dim)
-            k = key_windows[rows, cols].reshape(count, source_len, dim)
-            lab = label_windows[rows, cols].reshape(count, source_len, num_cls)
-            ok = valid_windows[rows, cols].reshape(count, 1, 1, -1) & in_window
-            sims = torch.bmm(q, k.transpose(1, 2)).view(count, area, num_ctx, -1)
-            sims = sims.masked_fill_(~ok, float("-inf")).view(count, area, source_len)
-            real = real_targets[rows, cols].reshape(count, area)
-            out[rows, cols] = self._weighted_vote(sims, lab, real).view_as(out[rows, cols])
-        soft = out.view(tiles_y, tiles_x, g.tile, g.tile, num_cls).permute(4, 0, 2, 1, 3)
-        soft = soft.reshape(num_cls, tiles_y * g.tile, tiles_x * g.tile)
-        return soft[:, : g.height, : g.width].contiguous()
-
-    def _window_mask(self, geometry: _Geometry, device: torch.device) -> torch.Tensor:
-        key = (geometry.tile, geometry.radius, str(device))
-        if key not in self._masks:
-            self._masks[key] = geometry.window_mask(device)
-        return self._masks[key]
-
-    def _weighted_vote(
-        self, sims: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Keep the top-k similarities (ties with the k-th included), softmax them, vote.
-
-        sims (B, T, S) with -inf outside the window, labels (B, S, C) -> (B, T, C). Rows without
-        ties beyond the k-th use only the k gathered entries; rows with ties use a dense mask.
-        ``real`` (B, T) marks the target rows whose votes are used (others skip the tie path).
-        """
-        k = min(self.config.topk, sims.shape[-1])
-        inv_temp = 1.0 / self.config.temperature
-        top = sims.topk(min(k + 1, sims.shape[-1]), dim=-1)
-        kth = top.values[..., k - 1 : k]
-        # Entries at -inf are out of the window: never kept, even with fewer than k candidates.
-        weights = torch.exp((top.values[..., :k] - top.values[..., :1]) * inv_temp)
-        weights = weights * torch.isfinite(top.values[..., :k])
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        batch, rows, _ = sims.shape
-        gathered = torch.gather(
-            labels,
-            1,
-            top.indices[..., :k].reshape(batch, rows * k, 1).expand(-1, -1, labels.shape[-1]),
-        ).view(batch, rows, k, -1)
-        votes = (weights.unsqueeze(-1) * gathered).sum(dim=2)
-        if top.values.shape[-1] > k:
-            tied = (top.values[..., k] == top.values[..., k - 1]) & torch.isfinite(kth[..., 0])
-            if real is not None:
-                tied &= real
-            if tied.any():
-                b_idx, r_idx = tied.nonzero(as_tuple=True)
-                row_sims = sims[b_idx, r_idx]  # (n, S)
-                keep = row_sims >= kth[b_idx, r_idx]
-                dense = torch.exp((row_sims - top.values[b_idx, r_idx, :1]) * inv_temp) * keep
-                dense = dense / dense.sum(dim=-1, keepdim=True)
-                votes[b_idx, r_idx] = torch.bmm(dense.unsqueeze(1), labels[b_idx]).squeeze(1)
+        height, width, dim = target.shape
+        frames = buffer.count
+        window_rows, window_cols = g.window
+        line = window_cols * frames  # one window row: its columns, all frames
+        k, keep = self._keep(window_rows * line)
+        values, window = self._window_top(target, buffer, keep)
+        targets = torch.arange(height * width, device=target.device).unsqueeze(1)
+        labels = buffer.labels.reshape(-1, buffer.classes)
+        votes, unresolved = self._vote(values, labels[buffer.label_rows(targets, window)], k)
+        if keep < window_rows * line and unresolved.any():
+            # ties with the k-th beyond the running list: redo these rows over whole windows
+            windows = buffer.window_keys()
+            queries = target.reshape(-1, dim)
+            every = torch.arange(window_rows * line, device=target.device)
+            step = max(1, self.config.max_chunk_bytes // (4 * window_rows * line * (dim + 3)))
+            for rows in unresolved.nonzero()[:, 0].split(step):
+                y, x = rows // width, rows % width
+                sims = (windows[y, x].flatten(1, 2) @ queries[rows].unsqueeze(-1)).squeeze(-1)
+                source_y = y.unsqueeze(1) + every // line - g.radius_y
+                source_x = x.unsqueeze(1) + every % line // frames - g.radius_x
+                outside = (source_y < 0) | (source_y >= height)
+                outside |= (source_x < 0) | (source_x >= width)
+                sims.masked_fill_(outside, -math.inf)
+                rows_labels = labels[buffer.label_rows(rows.unsqueeze(1), every.expand_as(sims))]
+                votes[rows] = self._dense_vote(sims, rows_labels, k)
         return votes
+
+    def _window_top(
+        self, target: torch.Tensor, buffer: _ContextBuffer, keep: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each target's ``keep`` best window similarities, in decreasing order (-inf: none),
+        and their indices into its (window rows, window columns * frames): (h * w, keep) each.
+
+        For a group of source rows, item (y, x) of one batched product holds the similarities
+        of the targets (y - radius_y .. y + radius_y, x) to the window row they share at y; the
+        targets met by the group read theirs with a strided view and merge them into their
+        running lists (positions off the grid, and off a target's window, at -inf).
+        """
+        g = buffer.geometry
+        height, width, dim = target.shape
+        frames, keys = buffer.count, buffer.keys
+        window_rows, window_cols = g.window
+        line = window_cols * frames
+        device = target.device
+        # queries padded with radius_y zero rows: item (y, x) reads rows y .. y + 2 radius_y
+        queries = F.pad(target, (0, 0, 0, 0, g.radius_y, g.radius_y))
+        top_values = target.new_full((height, width, keep), -math.inf)
+        top_window = torch.zeros(height, width, keep, dtype=torch.long, device=device)
+        size, groups = _row_groups(g, frames, keep, self.config.max_chunk_bytes)
+        workspace = target.new_empty(size)
+        column_x = torch.arange(line, device=device) // frames - g.radius_x
+        for y0, rows, x0, cols in groups:
+            items = rows * cols  # (y, x) row-major; cols is the width or rows is 1
+            first = y0 * width + x0
+            start = queries.storage_offset() + first * dim
+            q = queries.as_strided((items, window_rows, dim), (dim, width * dim, 1), start)
+            position = keys.stride(0)
+            offset = keys.storage_offset() + (first + g.radius_y * width) * position
+            k = keys.as_strided((items, line, dim), (position, dim, 1), offset)
+            sims = workspace[: items * window_rows * line].view(items, window_rows, line)
+            torch.bmm(q, k.transpose(1, 2), out=sims)
+            # target (t, x) meets source row y in row t - y + radius_y of item (y, x)
+            t0, t1 = max(0, y0 - g.radius_y), min(height, y0 + rows + g.radius_y)
+            met = t1 - t0
+            shared = sims.as_strided(
+                (met, cols, rows, line),
+                (line, window_rows * line, cols * window_rows * line - line, 1),
+                sims.storage_offset() + (t0 - y0 + g.radius_y) * line,
+            )
+            block = workspace[items * window_rows * line :][: met * cols * (keep + rows * line)]
+            block = block.view(met, cols, keep + rows * line)
+            # the running lists first: they prime the top-k's heap, few fresh values get in
+            block[..., :keep] = top_values[t0:t1, x0 : x0 + cols]
+            fresh = block[..., keep:].view(met, cols, rows, line)
+            t = torch.arange(t0, t1, device=device).view(-1, 1, 1, 1)
+            y = torch.arange(y0, y0 + rows, device=device).view(1, 1, -1, 1)
+            off_window = torch.where((t - y).abs() > g.radius_y, -math.inf, 0.0)
+            torch.add(shared, off_window, out=fresh)
+            # window columns off the grid, near its left and right borders
+            for lo, hi in (
+                (x0, min(x0 + cols, g.radius_x)),
+                (max(x0, width - g.radius_x), x0 + cols),
+            ):
+                if lo < hi:
+                    x = torch.arange(lo, hi, device=device).view(1, -1, 1, 1) + column_x
+                    fresh[:, lo - x0 : hi - x0].masked_fill_((x < 0) | (x >= width), -math.inf)
+            best = block.topk(keep, dim=-1)
+            # a fresh candidate's index into its target's window: shift by its first row
+            shift = (y0 - torch.arange(t0, t1, device=device) + g.radius_y) * line - keep
+            kept = top_window[t0:t1, x0 : x0 + cols]
+            old = kept.gather(-1, best.indices.clamp_max(keep - 1))
+            top_window[t0:t1, x0 : x0 + cols] = torch.where(
+                best.indices >= keep, best.indices + shift.view(-1, 1, 1), old
+            )
+            top_values[t0:t1, x0 : x0 + cols] = best.values
+        return top_values.view(height * width, keep), top_window.view(height * width, keep)
+
+    def _global_votes(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
+        """(h * w, C) votes when every context patch is a candidate: chunked products."""
+        dim = target.shape[-1]
+        keys = buffer.keys.reshape(-1, dim)
+        labels = buffer.labels.reshape(-1, buffer.classes)
+        k, keep = self._keep(keys.shape[0])
+        step = max(1, self.config.max_chunk_bytes // (4 * keys.shape[0]))
+        votes = []
+        for queries in target.reshape(-1, dim).split(step):
+            sims = queries @ keys.T
+            best = sims.topk(keep, dim=-1)
+            chunk, unresolved = self._vote(best.values, labels[best.indices], k)
+            if keep < keys.shape[0] and unresolved.any():
+                rows = unresolved.nonzero()[:, 0]
+                chunk[rows] = self._dense_vote(sims[rows], labels.expand(len(rows), -1, -1), k)
+            votes.append(chunk)
+        return torch.cat(votes)
+
+    def _vote(
+        self, values: torch.Tensor, labels: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted vote of the best candidates (docs/protocol.md#propagation).
+
+        values (B, K) in decreasing order (-inf: no candidate), labels (B, K, C). The k best
+        are kept, and every candidate equal to the k-th; their weights exp(sim / temperature)
+        are normalised to sum 1. Returns the votes (B, C) and the rows whose ties with the
+        k-th may go on beyond the K candidates (to be redone over all candidates).
+        """
+        kth = values[:, k - 1 : k]
+        votes = self._weighted(values, values[:, :1], kth, labels)
+        return votes, (values[:, -1] >= kth[:, 0]) & torch.isfinite(kth[:, 0])
+
+    def _dense_vote(self, sims: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """The vote of :meth:`_vote` over whole candidate rows: sims (n, L), labels (n, L, C)."""
+        best = sims.topk(k, dim=-1).values
+        return self._weighted(sims, best[:, :1], best[:, -1:], labels)
+
+    def _weighted(
+        self, values: torch.Tensor, top: torch.Tensor, kth: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidates at least ``kth`` weigh exp((value - top) / temperature), normalised."""
+        kept = values >= kth  # entries at -inf weigh 0, even with fewer than k candidates
+        weights = torch.exp((values - top) * (1.0 / self.config.temperature)) * kept
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return torch.bmm(weights.unsqueeze(1), labels).squeeze(1)
 
 
 def labels_from_soft(
