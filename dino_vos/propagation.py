@@ -472,11 +472,16 @@ def labels_from_soft(
         recompute_scale_factor=False,
     )[0]
     flat = up.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    shifted = flat - low
-    high = shifted.max(dim=1, keepdim=True).values
-    positive = flat.max(dim=1, keepdim=True).values > 0
-    # A constant positive channel divides 0 by 0 in the reference (NaN wins the argmax).
-    scaled = torch.where(high > 0, shifted / high.clamp_min(1e-30), torch.full_like(shifted, 2.0))
-    normed = torch.where(positive, scaled, flat).view_as(up)
-    return normed.argmax(dim=0)
+    low = flat.amin(dim=1)
+    top = flat.amax(dim=1)
+    high = top - low  # = max(x - low): rounding is monotonic
+    positive = top > 0
+    scaled = positive & (high > 0)
+    # per channel x -> (x - sub) / div + add, computed exactly as the reference: (x - low) / high
+    # where the max is positive, x where it is not; a constant positive channel divides 0 by 0
+    # in the reference (NaN wins the argmax): it becomes 2 here
+    sub = torch.where(positive, low, 0.0).view(-1, 1, 1)
+    div = torch.where(scaled, high, 1.0).view(-1, 1, 1)
+    add = torch.where(positive & (high == 0), 2.0, 0.0).view(-1, 1, 1)
+    normed = up.sub_(sub).div_(div).add_(add)
+    return normed.max(dim=0).indices  # the first channel wins ties, as argmax (faster on CPU)

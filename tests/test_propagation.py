@@ -165,6 +165,26 @@ def test_labels_from_soft_matches_reference_postprocessing():
     assert labels_from_soft(soft, 8).shape == (72, 104)
 
 
+@pytest.mark.parametrize("case", ["constant", "negative", "ties", "single patch"])
+def test_labels_from_soft_edge_cases_match_reference(case):
+    """Constant positive channels (0 / 0 in the reference), channels without a positive value,
+    equal values across channels (the first wins) and a 1 x 1 grid."""
+    generator = torch.Generator().manual_seed(3)
+    soft = torch.softmax(2 * torch.randn(4, 6, 7, generator=generator), 0)
+    if case == "constant":
+        soft[1] = 0.25
+    elif case == "negative":
+        soft[0] = -soft[0]
+        soft[3] = 0
+    elif case == "ties":
+        soft = (soft * 3).round() / 3
+    else:
+        soft = soft[:, :1, :1].clone()
+        soft[2] = 0.5
+    for patch in (1, 8):
+        assert torch.equal(labels_from_soft(soft, patch), _reference_labels(soft.clone(), patch))
+
+
 class ColourFeatures:
     """A backbone stand-in: per-patch mean colour, centred (known, discriminative features)."""
 
