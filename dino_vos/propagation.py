@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from dino_vos.spec import PropagationConfig
 
-# Candidates kept beyond the (k+1)-th in the running lists, so that ties with the k-th (several
-# context frames holding the same patch, for instance) are resolved without a second pass.
-_SPARE = 8
+# Candidates kept beyond the (k+1)-th in the running lists, so that ties with the k-th are
+# mostly resolved without a second pass (a static patch repeated in all 8 frames of the default
+# context, for instance); longer ties recompute the target's whole window.
+_SPARE = 4
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ class LabelPropagator:
             votes = self._window_votes(target, buffer)
         else:
             votes = self._global_votes(target, buffer)
-        return votes.T.reshape(-1, height, width)
+        return votes.T.reshape(-1, height, width).contiguous()
 
     def _keep(self, candidates: int) -> tuple[int, int]:
         """(k, length of the running lists) for rows of ``candidates`` candidates."""
