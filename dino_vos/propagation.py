@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from dino_vos.spec import PropagationConfig
 
-# Candidates kept beyond the (k+1)-th in the running lists, so that ties with the k-th (several
-# context frames holding the same patch, for instance) are resolved without a second pass.
-_SPARE = 8
+# Candidates kept beyond the (k+1)-th in the running lists, so that ties with the k-th are
+# mostly resolved without a second pass (a static patch repeated in all 8 frames of the default
+# context, for instance); longer ties recompute the target's whole window.
+_SPARE = 4
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ class LabelPropagator:
             votes = self._window_votes(target, buffer)
         else:
             votes = self._global_votes(target, buffer)
-        return votes.T.reshape(-1, height, width)
+        return votes.T.reshape(-1, height, width).contiguous()
 
     def _keep(self, candidates: int) -> tuple[int, int]:
         """(k, length of the running lists) for rows of ``candidates`` candidates."""
@@ -478,14 +479,19 @@ def _normalised_argmax(up: torch.Tensor) -> torch.Tensor:
     """Per-channel min-max normalisation of (C, H, W) maps (channels whose max is positive),
     then argmax over channels (docs/protocol.md#propagation)."""
     flat = up.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    shifted = flat - low
-    high = shifted.max(dim=1, keepdim=True).values
-    positive = flat.max(dim=1, keepdim=True).values > 0
-    # A constant positive channel divides 0 by 0 in the reference (NaN wins the argmax).
-    scaled = torch.where(high > 0, shifted / high.clamp_min(1e-30), torch.full_like(shifted, 2.0))
-    normed = torch.where(positive, scaled, flat).view_as(up)
-    return normed.argmax(dim=0)
+    low = flat.amin(dim=1)
+    top = flat.amax(dim=1)
+    high = top - low  # = max(x - low): rounding is monotonic
+    positive = top > 0
+    scaled = positive & (high > 0)
+    # per channel x -> (x - sub) / div + add, computed exactly as the reference: (x - low) / high
+    # where the max is positive, x where it is not; a constant positive channel divides 0 by 0
+    # in the reference (NaN wins the argmax): it becomes 2 here
+    sub = torch.where(positive, low, 0.0).view(-1, 1, 1)
+    div = torch.where(scaled, high, 1.0).view(-1, 1, 1)
+    add = torch.where(positive & (high == 0), 2.0, 0.0).view(-1, 1, 1)
+    normed = up.sub_(sub).div_(div).add_(add)
+    return normed.max(dim=0).indices  # the first channel wins ties, as argmax (faster on CPU)
 
 
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -9,10 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_vos.dense_reference import dense_propagate
+from dino_vos.dense_reference import dense_propagate, window_mask
 from dino_vos.masks import ObjectIds, resize_labels
 from dino_vos.predictor import VideoPropagator
-from dino_vos.propagation import LabelPropagator, PropagationConfig, labels_from_soft
+from dino_vos.propagation import (
+    LabelPropagator,
+    PropagationConfig,
+    _Geometry,
+    _row_groups,
+    labels_from_soft,
+)
 from dino_vos.sources import Frame
 from dino_vos.synthetic import make_clip
 
@@ -49,6 +56,23 @@ def test_windowed_step_matches_dense_reference(height, width, frames, classes, t
     assert torch.equal(soft.argmax(0), expected.argmax(0))
 
 
+@pytest.mark.parametrize(
+    ("budget", "rows", "columns"),
+    [(20_000, 1, 6), (60_000, 1, 17), (150_000, 3, 17), (32 * 2**20, 15, 17)],
+)
+def test_memory_budget_does_not_change_the_result(budget, rows, columns):
+    """Pieces of a source row, one row, groups of rows, all rows: the same soft labels."""
+    target, keys, labels = _random_case(15, 17, 3, 3)
+    target, keys = F.normalize(target, dim=-1), F.normalize(keys, dim=-1)
+    config = PropagationConfig(topk=5, radius=4, max_chunk_bytes=budget)
+    _, groups = _row_groups(_Geometry.create(15, 17, config), 3, 10, budget)
+    assert (max(g[1] for g in groups), max(g[3] for g in groups)) == (rows, columns)
+    soft = LabelPropagator(config).soft_labels(target, keys, labels)
+    expected = dense_propagate(target, keys, labels, topk=5, radius=4)
+    torch.testing.assert_close(soft, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(soft.argmax(0), expected.argmax(0))
+
+
 def test_ties_with_the_kth_value_are_kept():
     """One-hot features give exactly tied similarities; all ties with the k-th must vote."""
     generator = torch.Generator().manual_seed(1)
@@ -62,6 +86,39 @@ def test_ties_with_the_kth_value_are_kept():
     # Without the tie rule only 5 entries would vote: the result would differ.
     counts = F.normalize(target.flatten(0, 1), dim=1) @ F.normalize(keys.flatten(1, 2), dim=2).mT
     assert (counts == 1).sum(-1).max() > 5
+
+
+def _kept_counts(target, keys, topk, radius):
+    """Per target: how many in-window candidates the dense rule keeps (ties with the k-th)."""
+    height, width, dim = target.shape
+    sims = target.reshape(-1, dim) @ keys.reshape(len(keys), -1, dim).mT  # (M, N, N)
+    inside = window_mask(height, width, radius).bool()
+    sims = sims.masked_fill(~inside, -math.inf).transpose(0, 1).reshape(height * width, -1)
+    kth = sims.topk(topk, dim=-1).values[:, -1:]
+    return (sims >= kth).sum(-1)
+
+
+@pytest.mark.parametrize("radius", [2, None])
+def test_ties_of_every_length_match_dense_reference(radius):
+    """One-hot features give exact ties: none, a few past the k-th, and more than any short
+    list of best candidates holds; a repeated context frame doubles every tie."""
+    generator = torch.Generator().manual_seed(7)
+    height, width, topk = 8, 10, 4
+    # category counts by region: 40 (ties rare), 8 (a few), 2 (many)
+    categories = torch.tensor([40, 8, 2]).repeat_interleave(torch.tensor([4, 3, 3]))
+    draw = torch.rand(4, height, width, generator=generator) * categories
+    features = F.one_hot(draw.long(), 40).float()
+    target, keys = features[0], torch.cat([features[1:], features[1:2]])  # frame 3 = frame 1
+    labels = torch.softmax(3 * torch.randn(4, 3, height, width, generator=generator), 1)
+    config = PropagationConfig(topk=topk, radius=radius, max_chunk_bytes=30_000)
+    soft = LabelPropagator(config).soft_labels(target, keys, labels)
+    expected = dense_propagate(target, keys, labels, topk=topk, radius=radius)
+    torch.testing.assert_close(soft, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(soft.argmax(0), expected.argmax(0))
+    counts = _kept_counts(target, keys, topk, radius)
+    assert (counts == topk).any()  # no tie
+    assert ((counts > topk) & (counts <= topk + 4)).any()  # a few tied with the k-th
+    assert (counts > 4 * topk).any()  # long ties
 
 
 def test_added_context_frames_vote_like_the_dense_reference():
@@ -163,6 +220,26 @@ def test_labels_from_soft_matches_reference_postprocessing():
     soft[2] = 0  # an absent object keeps its zeros
     assert torch.equal(labels_from_soft(soft, 8), _reference_labels(soft.clone(), 8))
     assert labels_from_soft(soft, 8).shape == (72, 104)
+
+
+@pytest.mark.parametrize("case", ["constant", "negative", "ties", "single patch"])
+def test_labels_from_soft_edge_cases_match_reference(case):
+    """Constant positive channels (0 / 0 in the reference), channels without a positive value,
+    equal values across channels (the first wins) and a 1 x 1 grid."""
+    generator = torch.Generator().manual_seed(3)
+    soft = torch.softmax(2 * torch.randn(4, 6, 7, generator=generator), 0)
+    if case == "constant":
+        soft[1] = 0.25
+    elif case == "negative":
+        soft[0] = -soft[0]
+        soft[3] = 0
+    elif case == "ties":
+        soft = (soft * 3).round() / 3
+    else:
+        soft = soft[:, :1, :1].clone()
+        soft[2] = 0.5
+    for patch in (1, 8):
+        assert torch.equal(labels_from_soft(soft, patch), _reference_labels(soft.clone(), patch))
 
 
 class ColourFeatures:
