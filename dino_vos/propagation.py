@@ -177,7 +177,8 @@ def _row_groups(
     line = window_cols * frames
 
     def floats(rows: int, cols: int) -> int:
-        targets = min(g.height, rows + 2 * g.radius_y) * cols
+        """Products, then the candidate block with radius_x rows of margin on both sides."""
+        targets = min(g.height, rows + 2 * g.radius_y) * cols + 2 * g.radius_x
         return rows * cols * window_rows * line + targets * (rows * line + 3 * keep)
 
     rows, cols = 1, g.width
@@ -359,12 +360,20 @@ class LabelPropagator:
         line = window_cols * frames
         device = target.device
         # queries padded with radius_y zero rows: item (y, x) reads rows y .. y + 2 radius_y
-        queries = F.pad(target, (0, 0, 0, 0, g.radius_y, g.radius_y))
+        queries = target.new_empty(height + 2 * g.radius_y, width, dim)
+        queries[g.radius_y : g.radius_y + height] = target
+        queries[: g.radius_y] = 0  # rows of no target: their products are never read
+        queries[g.radius_y + height :] = 0
         top_values = target.new_full((height, width, keep), -math.inf)
         top_window = torch.zeros(height, width, keep, dtype=torch.long, device=device)
         size, groups = _row_groups(g, frames, keep, self.config.max_chunk_bytes)
         workspace = target.new_empty(size)
-        column_x = torch.arange(line, device=device) // frames - g.radius_x
+        # -inf on the window columns off the grid, for the targets near its borders: the right
+        # border of a row and the left border of the next one are 2 radius_x consecutive targets
+        x = torch.arange(width, device=device).view(-1, 1)
+        x = x + torch.arange(line, device=device) // frames - g.radius_x
+        column_bias = torch.where((x < 0) | (x >= width), -math.inf, 0.0)
+        border = torch.cat([column_bias[width - g.radius_x :], column_bias[: g.radius_x]])
         for y0, rows, x0, cols in groups:
             items = rows * cols  # (y, x) row-major; cols is the width or rows is 1
             first = y0 * width + x0
@@ -383,8 +392,9 @@ class LabelPropagator:
                 (line, window_rows * line, cols * window_rows * line - line, 1),
                 sims.storage_offset() + (t0 - y0 + g.radius_y) * line,
             )
-            block = workspace[items * window_rows * line :][: met * cols * (keep + rows * line)]
-            block = block.view(met, cols, keep + rows * line)
+            length = keep + rows * line  # a target's running list, then its fresh candidates
+            block = workspace[items * window_rows * line + g.radius_x * length :]
+            block = block[: met * cols * length].view(met, cols, length)
             # the running lists first: they prime the top-k's heap, few fresh values get in
             block[..., :keep] = top_values[t0:t1, x0 : x0 + cols]
             fresh = block[..., keep:].view(met, cols, rows, line)
@@ -392,14 +402,18 @@ class LabelPropagator:
             y = torch.arange(y0, y0 + rows, device=device).view(1, 1, -1, 1)
             off_window = torch.where((t - y).abs() > g.radius_y, -math.inf, 0.0)
             torch.add(shared, off_window, out=fresh)
-            # window columns off the grid, near its left and right borders
-            for lo, hi in (
-                (x0, min(x0 + cols, g.radius_x)),
-                (max(x0, width - g.radius_x), x0 + cols),
-            ):
-                if lo < hi:
-                    x = torch.arange(lo, hi, device=device).view(1, -1, 1, 1) + column_x
-                    fresh[:, lo - x0 : hi - x0].masked_fill_((x < 0) | (x >= width), -math.inf)
+            if cols == width and 2 * g.radius_x <= width:  # one op: runs across row ends
+                runs = fresh.as_strided(
+                    (met + 1, 2 * g.radius_x, rows * line),
+                    (width * length, length, 1),
+                    fresh.storage_offset() - g.radius_x * length,
+                )  # the first and last half runs fall in the margins
+                runs.view(met + 1, -1, rows, line).add_(border.view(1, -1, 1, line))
+            else:
+                for lo, hi in ((0, g.radius_x), (width - g.radius_x, width)):
+                    lo, hi = max(lo, x0), min(hi, x0 + cols)
+                    if lo < hi:
+                        fresh[:, lo - x0 : hi - x0].add_(column_bias[lo:hi, None])
             best = block.topk(keep, dim=-1)
             # a fresh candidate's index into its target's window: shift by its first row
             shift = (y0 - torch.arange(t0, t1, device=device) + g.radius_y) * line - keep

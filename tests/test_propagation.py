@@ -43,6 +43,7 @@ def _random_case(height, width, frames, classes, dim=24, seed=0):
         (16, 24, 3, 5, 10, 5, 7),
         (5, 31, 2, 3, 5, 1, 12),  # tile larger than one side
         (9, 9, 8, 6, 20, 4, 2),
+        (12, 6, 2, 3, 5, 4, 5),  # the window spans the width but not the height
     ],
 )
 def test_windowed_step_matches_dense_reference(height, width, frames, classes, topk, radius, tile):
