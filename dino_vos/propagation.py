@@ -472,6 +472,18 @@ class LabelPropagator:
         return torch.bmm(weights.unsqueeze(1), labels).squeeze(1)
 
 
+def upsample_soft(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, h, w) soft map -> (C, h * p, w * p), bilinear as the reference does it
+    (docs/protocol.md#propagation)."""
+    return F.interpolate(
+        soft[None].float(),
+        scale_factor=patch_size,
+        mode="bilinear",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )[0]
+
+
 def labels_from_soft(
     soft: torch.Tensor, patch_size: int, output_size: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -479,13 +491,7 @@ def labels_from_soft(
     normalisation of channels whose max is positive, argmax. Returns (H', W') channel indices at
     ``h * patch_size`` x ``w * patch_size`` (resize to the frame size with nearest afterwards).
     """
-    up = F.interpolate(
-        soft[None].float(),
-        scale_factor=patch_size,
-        mode="bilinear",
-        align_corners=False,
-        recompute_scale_factor=False,
-    )[0]
+    up = upsample_soft(soft, patch_size)
     return _normalised_argmax(up)
 
 
@@ -540,13 +546,7 @@ def labels_from_soft_guided(
     map is guided-filtered with ``guide`` (H', W'), the grayscale frame in [0, 1] at
     ``h * patch_size`` x ``w * patch_size``, before the same normalisation and argmax
     (docs/protocol.md#refinements). ``radius`` in pixels, None: the patch size."""
-    up = F.interpolate(
-        soft[None].float(),
-        scale_factor=patch_size,
-        mode="bilinear",
-        align_corners=False,
-        recompute_scale_factor=False,
-    )[0]
+    up = upsample_soft(soft, patch_size)
     if tuple(guide.shape) != tuple(up.shape[1:]):
         raise ValueError(f"guide {tuple(guide.shape)} != upsampled map {tuple(up.shape[1:])}")
     filtered = guided_filter(guide.to(up.device), up, radius or patch_size, eps)
