@@ -303,17 +303,13 @@ class VideoPropagator:
                     yield FrameResult(index, result.name, finished[index], None, ids, result.image)
                     continue
                 if index < first:  # only the first keyframe's objects exist before it
-                    ids = forward_ids[first]
-                    empty = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])
-                    soft = fuse_soft_maps(empty, ids, result.soft, result.object_ids, 0.0)
-                    labels = self.labels(soft, ids, result.image.shape[:2], result.image)
-                    yield FrameResult(index, result.name, labels, soft, ids, result.image)
-                    continue
-                before = max(k for k in keyframes if k < index)
-                after = min(k for k in keyframes if k > index)
-                weight = (after - index) / (after - before)  # of the forward map
-                ids = forward_ids[index]
-                forward = store.load_tensor(f"{index}.forward")
+                    ids, weight = forward_ids[first], 0.0
+                    forward = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])
+                else:
+                    before = max(k for k in keyframes if k < index)
+                    after = min(k for k in keyframes if k > index)
+                    ids, weight = forward_ids[index], (after - index) / (after - before)
+                    forward = store.load_tensor(f"{index}.forward")
                 soft = fuse_soft_maps(forward, ids, result.soft, result.object_ids, weight)
                 labels = self.labels(soft, ids, result.image.shape[:2], result.image)
                 yield FrameResult(index, result.name, labels, soft, ids, result.image)
