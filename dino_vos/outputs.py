@@ -59,6 +59,18 @@ def is_result_folder(out_dir: str | Path) -> bool:
     return (Path(out_dir) / MANIFEST_NAME).is_file()
 
 
+def is_reusable_result(out_dir: str | Path, expected: dict[str, Any], names: Iterable[str]) -> bool:
+    """A finished result whose manifest holds the ``expected`` entries and that has a
+    ``<name>.png`` for every name: a benchmark run may reuse it instead of propagating again."""
+    out = Path(out_dir)
+    if not is_result_folder(out):
+        return False
+    manifest = read_manifest(out)
+    if any(manifest.get(key) != value for key, value in expected.items()):
+        return False
+    return all((out / f"{name}.png").is_file() for name in names)
+
+
 def listed_outputs(manifest: dict[str, Any]) -> set[str]:
     """Relative paths of the files a manifest says dino-vos wrote."""
     return {str(name) for name in manifest.get("outputs", [])}

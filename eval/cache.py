@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,26 +62,36 @@ class CacheStats:
         self.misses += other.misses
 
 
-def cache_key(features: BackboneFeatures, fingerprint: str) -> dict[str, object]:
-    """Everything that determines a frame's features besides its pixels."""
+def feature_settings(features: BackboneFeatures, fingerprint: str) -> dict[str, Any]:
+    """The settings that make a run's features what they are, as benchmark manifests record
+    them (a result with other settings is not reused)."""
     backbone = features.backbone
     return {
         "backbone": backbone.name,
-        "weights_id": backbone.weights_id,
         "weights_fingerprint": fingerprint,
         "pos_embed": backbone.pos_embed_mode,
         "resize": features.resize.key(),
-        "mean": list(features.mean),
-        "std": list(features.std),
-        # autocast changes the features; fp32 keys stay those of earlier caches
-        **({"precision": features.precision} if features.precision != "fp32" else {}),
-        # shift ensembling (docs/protocol.md#refinements) changes them too; off: earlier keys
+        "precision": features.precision,
+        # shift ensembling (docs/protocol.md#refinements); off: the entries of earlier runs
         **(
             {"shift_ensemble": shifts}
             if (shifts := getattr(features, "shift_ensemble", 1)) > 1
             else {}
         ),
     }
+
+
+def cache_key(features: BackboneFeatures, fingerprint: str) -> dict[str, object]:
+    """Everything that determines a frame's features besides its pixels."""
+    key: dict[str, object] = {
+        **feature_settings(features, fingerprint),
+        "weights_id": features.backbone.weights_id,
+        "mean": list(features.mean),
+        "std": list(features.std),
+    }
+    if features.precision == "fp32":  # fp32 keys stay those of earlier caches
+        del key["precision"]
+    return key
 
 
 def _folder_name(features: BackboneFeatures, key: dict[str, object]) -> str:

@@ -27,12 +27,12 @@ from dino_vos.api import propagate_to_folder
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
 from dino_vos.errors import DinoVosError, InputError
-from dino_vos.eval.cache import CacheStats, FeatureCache
+from dino_vos.eval.cache import CacheStats, FeatureCache, feature_settings
 from dino_vos.eval.davis_data import DavisSequence, read_results
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
 from dino_vos.features import BackboneFeatures
 from dino_vos.masks import read_mask
-from dino_vos.outputs import is_result_folder, read_manifest
+from dino_vos.outputs import is_reusable_result
 from dino_vos.propagation import PropagationConfig
 from dino_vos.sources import FolderSource
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule
@@ -123,33 +123,18 @@ class SequenceEvaluator:
 
     def expected_manifest(self, sequence: DavisSequence) -> dict[str, Any]:
         """Manifest entries a finished, reusable propagation of ``sequence`` must hold."""
-        assert self.features is not None
-        backbone = self.features.backbone
+        assert self.features is not None and self.fingerprint is not None
         return {
             "frames": len(sequence.frames),
             "propagation": self.settings.config.to_dict(),
-            "backbone": backbone.name,
-            "weights_fingerprint": self.fingerprint,
-            "pos_embed": backbone.pos_embed_mode,
-            "resize": self.features.resize.key(),
-            "precision": self.features.precision,
+            **feature_settings(self.features, self.fingerprint),
             "keyframes": [sequence.stems[i] for i in self.settings.keyframe_indices(sequence)],
             "direction": self.settings.direction,
-            **(
-                {"shift_ensemble": shifts}
-                if (shifts := getattr(self.features, "shift_ensemble", 1)) > 1
-                else {}
-            ),
         }
 
     def is_up_to_date(self, sequence: DavisSequence) -> bool:
         out = self.settings.results_dir / sequence.name
-        if not is_result_folder(out):
-            return False
-        manifest = read_manifest(out)
-        if any(manifest.get(k) != v for k, v in self.expected_manifest(sequence).items()):
-            return False
-        return all((out / f"{stem}.png").is_file() for stem in sequence.stems)
+        return is_reusable_result(out, self.expected_manifest(sequence), sequence.stems)
 
     def write_masks(
         self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None

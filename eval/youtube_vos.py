@@ -28,14 +28,14 @@ from dino_vos.atomic import atomic_path, atomic_write_json
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.console import console, progress_bar
 from dino_vos.errors import InputError
-from dino_vos.eval.cache import FeatureCache
+from dino_vos.eval.cache import FeatureCache, feature_settings
 from dino_vos.features import BackboneFeatures
 from dino_vos.outputs import (
     MANIFEST_NAME,
     check_not_an_input,
     check_out_dir,
     check_writable,
-    is_result_folder,
+    is_reusable_result,
     read_manifest,
 )
 from dino_vos.sources import FolderSource, natural_key
@@ -165,26 +165,12 @@ class VideoWriter:
             "keyframes": [p.stem for p in video.annotations],
             "direction": self.job.direction,
             "propagation": self.job.config.to_dict(),
-            "backbone": self.features.backbone.name,
-            "weights_fingerprint": self.fingerprint,
-            "pos_embed": self.features.backbone.pos_embed_mode,
-            "resize": self.features.resize.key(),
-            "precision": self.features.precision,
-            **(
-                {"shift_ensemble": shifts}
-                if (shifts := getattr(self.features, "shift_ensemble", 1)) > 1
-                else {}
-            ),
+            **feature_settings(self.features, self.fingerprint),
         }
 
     def is_up_to_date(self, video: YouTubeVOSVideo) -> bool:
-        folder = self.folder(video)
-        if not is_result_folder(folder):
-            return False
-        manifest = read_manifest(folder)
-        if any(manifest.get(k) != v for k, v in self.expected_manifest(video).items()):
-            return False
-        return all((folder / f"{name}.png").is_file() for name in video.frame_names)
+        expected = self.expected_manifest(video)
+        return is_reusable_result(self.folder(video), expected, video.frame_names)
 
     def write(self, video: YouTubeVOSVideo, on_frame: Callable[[], None]) -> str:
         """Propagate ``video`` (or reuse it); returns "propagated" or "skipped"."""
