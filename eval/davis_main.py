@@ -67,10 +67,15 @@ class DavisJob:
         return self.results_dir is not None
 
     @property
+    def is_standard(self) -> bool:
+        """The benchmark's protocol: first-frame ground truth only, forward."""
+        return self.keyframes is None and self.direction == "forward"
+
+    @property
     def report_label(self) -> str:
         """The split, or for simulated corrections the split and the schedule: the reports of
         another protocol never take the standard reports' names."""
-        if self.keyframes is None and self.direction == "forward":
+        if self.is_standard:
             return self.split
         label = f"{self.split}-keyframes-{self.keyframes.tag() if self.keyframes else 'first'}"
         return label if self.direction == "forward" else f"{label}-{self.direction}"
@@ -210,7 +215,7 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
         f"DAVIS {job.split}: {len(dataset)} sequences, {frames} frames ({source})"
         + (f", rank {rank} of {world}" if world > 1 else "")
     )
-    if job.report_label != job.split:
+    if not job.is_standard:
         console.print(f"Protocol: {_protocol(job)}")
     if job.scoring_only:
         features = None
@@ -304,7 +309,7 @@ def _payload(
 
 
 def _protocol(job: DavisJob) -> str:
-    if job.keyframes is None and job.direction == "forward":
+    if job.is_standard:
         return "standard: first-frame ground truth, forward"
     return (
         f"simulated corrections (not the standard protocol): ground truth of frames "
