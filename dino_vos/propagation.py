@@ -225,6 +225,8 @@ class LabelPropagator:
     def __init__(self, config: PropagationConfig | None = None) -> None:
         self.config = config or PropagationConfig()
         self._buffer: _ContextBuffer | None = None
+        # the last step's work space: (key, floats, candidate mask or None)
+        self._work: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     def reset(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Start a video from its first frame's features (h, w, D) and labels (C, h, w)."""
@@ -339,7 +341,7 @@ class LabelPropagator:
         labels = buffer.labels.reshape(-1, buffer.classes)
         votes = target.new_empty(height * width, buffer.classes)
         unresolved = torch.zeros(height * width, dtype=torch.bool, device=target.device)
-        # vote row band by row band, as soon as their lists are final: small ops (one thread)
+        # vote band by band of rows, as soon as their lists are final (small ops)
         for start, values, window in self._window_top(target, buffer, keep):
             rows = slice(start, start + len(values))
             targets = torch.arange(rows.start, rows.stop, device=target.device).unsqueeze(1)
@@ -389,11 +391,7 @@ class LabelPropagator:
         top_values = target.new_full((height, width, keep), -math.inf)
         top_window = torch.zeros(height, width, keep, dtype=torch.long, device=device)
         size, groups = _row_groups(g, frames, keep, self.config.max_chunk_bytes)
-        workspace = target.new_empty(size)
-        rows_max, cols_max = max(group[1] for group in groups), max(group[3] for group in groups)
-        shared_mask = (
-            _candidate_mask(g, frames, rows_max, 0, width, device) if cols_max == width else None
-        )
+        workspace, shared_mask = self._work_space(g, frames, size, groups, target)
         off = target.new_tensor(-math.inf)
         final = 0  # rows before it have been yielded
         for y0, rows, x0, cols in groups:
@@ -449,6 +447,26 @@ class LabelPropagator:
                     )
                     final = end
 
+    def _work_space(
+        self,
+        g: _Geometry,
+        frames: int,
+        size: int,
+        groups: list[tuple[int, int, int, int]],
+        target: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The groups' work space (``size`` floats) and, when groups span the width, their
+        candidate mask; kept from one step to the next (same grid and context length)."""
+        key = (g, frames, size, target.device, target.dtype)
+        if self._work is None or self._work[0] != key:
+            self._work = None  # release the old buffers first
+            rows = max(group[1] for group in groups)
+            mask = None
+            if max(group[3] for group in groups) == g.width:
+                mask = _candidate_mask(g, frames, rows, 0, g.width, target.device)
+            self._work = (key, target.new_empty(size), mask)
+        return self._work[1], self._work[2]
+
     def _global_votes(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
         """(h * w, C) votes when every context patch is a candidate: chunked products."""
         dim = target.shape[-1]
@@ -463,7 +481,7 @@ class LabelPropagator:
             chunk, unresolved = self._vote(best.values, labels[best.indices], k)
             if keep < keys.shape[0] and unresolved.any():
                 rows = unresolved.nonzero()[:, 0]
-                chunk[rows] = self._dense_vote(sims[rows], labels.expand(len(rows), -1, -1), k)
+                chunk[rows] = self._dense_vote(sims[rows], labels, k)
             votes.append(chunk)
         return torch.cat(votes)
 
@@ -482,7 +500,8 @@ class LabelPropagator:
         return votes, (values[:, -1] >= kth[:, 0]) & torch.isfinite(kth[:, 0])
 
     def _dense_vote(self, sims: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-        """The vote of :meth:`_vote` over whole candidate rows: sims (n, L), labels (n, L, C)."""
+        """The vote of :meth:`_vote` over whole candidate rows: sims (n, L), labels (n, L, C)
+        or (L, C) for all rows."""
         best = sims.topk(k, dim=-1).values
         return self._weighted(sims, best[:, :1], best[:, -1:], labels)
 
@@ -493,7 +512,7 @@ class LabelPropagator:
         kept = values >= kth  # entries at -inf weigh 0, even with fewer than k candidates
         weights = torch.exp((values - top) * (1.0 / self.config.temperature)) * kept
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.bmm(weights.unsqueeze(1), labels).squeeze(1)
+        return torch.matmul(weights.unsqueeze(1), labels).squeeze(1)  # labels (B, L, C) or (L, C)
 
 
 def labels_from_soft(
