@@ -14,6 +14,7 @@ grid, the candidates are all the context patches, compared in plain products.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -177,9 +178,10 @@ def _row_groups(
     line = window_cols * frames
 
     def floats(rows: int, cols: int) -> int:
-        """Products, then the candidate block with radius_x rows of margin on both sides."""
-        targets = min(g.height, rows + 2 * g.radius_y) * cols + 2 * g.radius_x
-        return rows * cols * window_rows * line + targets * (rows * line + 3 * keep)
+        """Products, the candidate block and its mask (bytes, counted as floats)."""
+        targets = min(g.height, rows + 2 * g.radius_y) * cols
+        mask = (rows + 2 * g.radius_y) * cols * rows * line // 4
+        return rows * cols * window_rows * line + targets * (rows * line + 3 * keep) + mask
 
     rows, cols = 1, g.width
     if floats(1, g.width) * 4 <= budget:
@@ -197,6 +199,20 @@ def _row_groups(
     return floats(rows, cols), groups
 
 
+def _candidate_mask(
+    g: _Geometry, frames: int, rows: int, x0: int, cols: int, device: torch.device
+) -> torch.Tensor:
+    """Which products of a group of ``rows`` source rows from y0 are candidates: (target rows
+    y0 - radius_y .. y0 + rows + radius_y, columns x0 .. x0 + cols, source rows, window columns
+    * frames), False off the target's window rows or off the grid's columns."""
+    window_rows, window_cols = g.window
+    t = torch.arange(rows + 2 * g.radius_y, device=device).view(-1, 1, 1, 1)
+    y = torch.arange(rows, device=device).view(1, 1, -1, 1) + g.radius_y
+    x = torch.arange(x0, x0 + cols, device=device).view(1, -1, 1, 1)
+    x = x + torch.arange(window_cols * frames, device=device) // frames - g.radius_x
+    return ((t - y).abs() <= g.radius_y) & (x >= 0) & (x < g.width)
+
+
 class LabelPropagator:
     """Propagates soft label maps from a first frame and a queue of recent frames.
 
@@ -209,6 +225,8 @@ class LabelPropagator:
     def __init__(self, config: PropagationConfig | None = None) -> None:
         self.config = config or PropagationConfig()
         self._buffer: _ContextBuffer | None = None
+        # the last step's work space: (key, floats, candidate mask or None)
+        self._work: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     def reset(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Start a video from its first frame's features (h, w, D) and labels (C, h, w)."""
@@ -320,10 +338,15 @@ class LabelPropagator:
         window_rows, window_cols = g.window
         line = window_cols * frames  # one window row: its columns, all frames
         k, keep = self._keep(window_rows * line)
-        values, window = self._window_top(target, buffer, keep)
-        targets = torch.arange(height * width, device=target.device).unsqueeze(1)
         labels = buffer.labels.reshape(-1, buffer.classes)
-        votes, unresolved = self._vote(values, labels[buffer.label_rows(targets, window)], k)
+        votes = target.new_empty(height * width, buffer.classes)
+        unresolved = torch.zeros(height * width, dtype=torch.bool, device=target.device)
+        # vote band by band of rows, as soon as their lists are final (small ops)
+        for start, values, window in self._window_top(target, buffer, keep):
+            rows = slice(start, start + len(values))
+            targets = torch.arange(rows.start, rows.stop, device=target.device).unsqueeze(1)
+            candidates = labels[buffer.label_rows(targets, window)]
+            votes[rows], unresolved[rows] = self._vote(values, candidates, k)
         if keep < window_rows * line and unresolved.any():
             # ties with the k-th beyond the running list: redo these rows over whole windows
             windows = buffer.window_keys()
@@ -344,9 +367,10 @@ class LabelPropagator:
 
     def _window_top(
         self, target: torch.Tensor, buffer: _ContextBuffer, keep: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Each target's ``keep`` best window similarities, in decreasing order (-inf: none),
-        and their indices into its (window rows, window columns * frames): (h * w, keep) each.
+        and their indices into its (window rows, window columns * frames), by bands of whole
+        rows as they are final: (first flat target, values (n, keep), indices (n, keep)).
 
         For a group of source rows, item (y, x) of one batched product holds the similarities
         of the targets (y - radius_y .. y + radius_y, x) to the window row they share at y; the
@@ -367,53 +391,43 @@ class LabelPropagator:
         top_values = target.new_full((height, width, keep), -math.inf)
         top_window = torch.zeros(height, width, keep, dtype=torch.long, device=device)
         size, groups = _row_groups(g, frames, keep, self.config.max_chunk_bytes)
-        workspace = target.new_empty(size)
-        # -inf on the window columns off the grid, for the targets near its borders: the right
-        # border of a row and the left border of the next one are 2 radius_x consecutive targets
-        x = torch.arange(width, device=device).view(-1, 1)
-        x = x + torch.arange(line, device=device) // frames - g.radius_x
-        column_bias = torch.where((x < 0) | (x >= width), -math.inf, 0.0)
-        border = torch.cat([column_bias[width - g.radius_x :], column_bias[: g.radius_x]])
+        workspace, shared_mask = self._work_space(g, frames, size, groups, target)
+        off = target.new_tensor(-math.inf)
+        final = 0  # rows before it have been yielded
         for y0, rows, x0, cols in groups:
             items = rows * cols  # (y, x) row-major; cols is the width or rows is 1
             first = y0 * width + x0
-            start = queries.storage_offset() + first * dim
-            q = queries.as_strided((items, window_rows, dim), (dim, width * dim, 1), start)
+            # item rows a (targets y - radius_y + a) that hold a target of the grid for some y
+            low = max(0, g.radius_y - (y0 + rows - 1))
+            held = min(window_rows, g.radius_y + height - y0) - low
+            start = queries.storage_offset() + (first + low * width) * dim
+            q = queries.as_strided((items, held, dim), (dim, width * dim, 1), start)
             position = keys.stride(0)
             offset = keys.storage_offset() + (first + g.radius_y * width) * position
             k = keys.as_strided((items, line, dim), (position, dim, 1), offset)
-            sims = workspace[: items * window_rows * line].view(items, window_rows, line)
+            sims = workspace[: items * held * line].view(items, held, line)
             torch.bmm(q, k.transpose(1, 2), out=sims)
-            # target (t, x) meets source row y in row t - y + radius_y of item (y, x)
+            # target (t, x) meets source row y in row t - y + radius_y - low of item (y, x)
             t0, t1 = max(0, y0 - g.radius_y), min(height, y0 + rows + g.radius_y)
             met = t1 - t0
             shared = sims.as_strided(
                 (met, cols, rows, line),
-                (line, window_rows * line, cols * window_rows * line - line, 1),
-                sims.storage_offset() + (t0 - y0 + g.radius_y) * line,
+                (line, held * line, cols * held * line - line, 1),
+                sims.storage_offset() + (t0 - y0 + g.radius_y - low) * line,
             )
             length = keep + rows * line  # a target's running list, then its fresh candidates
-            block = workspace[items * window_rows * line + g.radius_x * length :]
-            block = block[: met * cols * length].view(met, cols, length)
+            block = workspace[items * held * line :][: met * cols * length]
+            block = block.view(met, cols, length)
             # the running lists first: they prime the top-k's heap, few fresh values get in
             block[..., :keep] = top_values[t0:t1, x0 : x0 + cols]
             fresh = block[..., keep:].view(met, cols, rows, line)
-            t = torch.arange(t0, t1, device=device).view(-1, 1, 1, 1)
-            y = torch.arange(y0, y0 + rows, device=device).view(1, 1, -1, 1)
-            off_window = torch.where((t - y).abs() > g.radius_y, -math.inf, 0.0)
-            torch.add(shared, off_window, out=fresh)
-            if cols == width and 2 * g.radius_x <= width:  # one op: runs across row ends
-                runs = fresh.as_strided(
-                    (met + 1, 2 * g.radius_x, rows * line),
-                    (width * length, length, 1),
-                    fresh.storage_offset() - g.radius_x * length,
-                )  # the first and last half runs fall in the margins
-                runs.view(met + 1, -1, rows, line).add_(border.view(1, -1, 1, line))
+            if shared_mask is None:  # pieces of a row
+                mask = _candidate_mask(g, frames, rows, x0, cols, device)
             else:
-                for lo, hi in ((0, g.radius_x), (width - g.radius_x, width)):
-                    lo, hi = max(lo, x0), min(hi, x0 + cols)
-                    if lo < hi:
-                        fresh[:, lo - x0 : hi - x0].add_(column_bias[lo:hi, None])
+                mask = shared_mask[:, :, :rows]
+            # candidates copied, those off the window or off the grid at -inf, in one op
+            lowest = t0 - y0 + g.radius_y
+            torch.where(mask[lowest : lowest + met], shared, off, out=fresh)
             best = block.topk(keep, dim=-1)
             # a fresh candidate's index into its target's window: shift by its first row
             shift = (y0 - torch.arange(t0, t1, device=device) + g.radius_y) * line - keep
@@ -423,7 +437,35 @@ class LabelPropagator:
                 best.indices >= keep, best.indices + shift.view(-1, 1, 1), old
             )
             top_values[t0:t1, x0 : x0 + cols] = best.values
-        return top_values.view(height * width, keep), top_window.view(height * width, keep)
+            if x0 + cols == width:  # rows more than radius_y above the next source row are final
+                end = height if y0 + rows == height else max(final, y0 + rows - g.radius_y)
+                if end > final:
+                    yield (
+                        final * width,
+                        top_values[final:end].view(-1, keep),
+                        top_window[final:end].view(-1, keep),
+                    )
+                    final = end
+
+    def _work_space(
+        self,
+        g: _Geometry,
+        frames: int,
+        size: int,
+        groups: list[tuple[int, int, int, int]],
+        target: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The groups' work space (``size`` floats) and, when groups span the width, their
+        candidate mask; kept from one step to the next (same grid and context length)."""
+        key = (g, frames, size, target.device, target.dtype)
+        if self._work is None or self._work[0] != key:
+            self._work = None  # release the old buffers first
+            rows = max(group[1] for group in groups)
+            mask = None
+            if max(group[3] for group in groups) == g.width:
+                mask = _candidate_mask(g, frames, rows, 0, g.width, target.device)
+            self._work = (key, target.new_empty(size), mask)
+        return self._work[1], self._work[2]
 
     def _global_votes(self, target: torch.Tensor, buffer: _ContextBuffer) -> torch.Tensor:
         """(h * w, C) votes when every context patch is a candidate: chunked products."""
@@ -439,7 +481,7 @@ class LabelPropagator:
             chunk, unresolved = self._vote(best.values, labels[best.indices], k)
             if keep < keys.shape[0] and unresolved.any():
                 rows = unresolved.nonzero()[:, 0]
-                chunk[rows] = self._dense_vote(sims[rows], labels.expand(len(rows), -1, -1), k)
+                chunk[rows] = self._dense_vote(sims[rows], labels, k)
             votes.append(chunk)
         return torch.cat(votes)
 
@@ -458,7 +500,8 @@ class LabelPropagator:
         return votes, (values[:, -1] >= kth[:, 0]) & torch.isfinite(kth[:, 0])
 
     def _dense_vote(self, sims: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-        """The vote of :meth:`_vote` over whole candidate rows: sims (n, L), labels (n, L, C)."""
+        """The vote of :meth:`_vote` over whole candidate rows: sims (n, L), labels (n, L, C)
+        or (L, C) for all rows."""
         best = sims.topk(k, dim=-1).values
         return self._weighted(sims, best[:, :1], best[:, -1:], labels)
 
@@ -469,7 +512,7 @@ class LabelPropagator:
         kept = values >= kth  # entries at -inf weigh 0, even with fewer than k candidates
         weights = torch.exp((values - top) * (1.0 / self.config.temperature)) * kept
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.bmm(weights.unsqueeze(1), labels).squeeze(1)
+        return torch.matmul(weights.unsqueeze(1), labels).squeeze(1)  # labels (B, L, C) or (L, C)
 
 
 def upsample_soft(soft: torch.Tensor, patch_size: int) -> torch.Tensor:

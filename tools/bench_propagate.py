@@ -4,12 +4,17 @@
    frames, 3 objects): the windowed engine against the dense reference formulation (full N x N
    affinity times a window mask), seconds per frame, peak extra memory (each variant in its own
    process) and whether the labels are identical.
-2. End to end (features + propagation + writing) with a random-init ViT-S/8 on 480p frames:
+2. A sweep point over cached features: a generated 854 x 480 clip propagated with
+   ``propagate_to_folder`` from random (fp16, as cached) features, so no backbone runs. Time in
+   the propagation engine against everything else of the pipeline (post-processing
+   ``labels_from_soft``, resizing to the frame size, PNG writing, frame decoding, bookkeeping).
+3. End to end (features + propagation + writing) with a random-init ViT-S/8 on 480p frames:
    seconds per frame and the share spent outside the backbone forward.
-3. ``--batch-sizes 1,4``: frames/s of the feature path (background decoding + backbone) per
+4. ``--batch-sizes 1,4``: frames/s of the feature path (background decoding + backbone) per
    batch size, and the largest feature difference to batch 1.
 
-    python tools/bench_propagate.py [--frames 5] [--skip-dense] [--skip-e2e] [--batch-sizes 1,4]
+    python tools/bench_propagate.py [--frames 5] [--sweep-frames 10] [--skip-dense]
+                                    [--skip-sweep] [--skip-e2e] [--batch-sizes 1,4]
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dino_vos.sources import Frame
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -101,6 +110,93 @@ def bench_step(skip_dense: bool) -> dict:
             identical_labels=bool(same),
         )
     return result
+
+
+class _Timers:
+    """Seconds spent in named functions, by wrapping them where the pipeline looks them up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._restore: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, attribute: str, name: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+        self._restore.append((owner, attribute, original))
+        setattr(owner, attribute, timed)
+
+    def restore(self) -> None:
+        for owner, attribute, original in reversed(self._restore):
+            setattr(owner, attribute, original)
+        self._restore.clear()
+
+
+class _CachedFeatures:
+    """Feature extractor of a warm cache: fp16 features per frame name, looked up."""
+
+    patch_size = 8
+
+    def __init__(self, names: list[str], grid: tuple[int, int], seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.features = {
+            name: torch.randn(*grid, DIM, generator=generator).half().float() for name in names
+        }
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        from dino_vos.spec import ResizeSpec
+
+        return ResizeSpec().size_for(height, width, self.patch_size)
+
+    def __call__(self, frame: Frame) -> torch.Tensor:
+        return self.features[frame.name]
+
+
+def bench_sweep_point(frames: int) -> dict:
+    """Propagation over cached features of a generated 480p clip: engine vs everything else."""
+    import dino_vos.predictor as predictor
+    from dino_vos.api import propagate_to_folder
+    from dino_vos.propagation import LabelPropagator
+    from dino_vos.synthetic import make_clip
+    from dino_vos.writers import OutputSink
+
+    with tempfile.TemporaryDirectory() as tmp:
+        frame_dir, mask_dir = make_clip(frames, (480, 854), 3, seed=0).write(Path(tmp) / "clip")
+        names = sorted(path.stem for path in frame_dir.iterdir())
+        extractor = _CachedFeatures(names, GRID)
+        assert extractor.input_size(480, 854) == (GRID[0] * 8, GRID[1] * 8)
+        timers = _Timers()
+        for method in ("reset", "step", "predict"):
+            timers.wrap(LabelPropagator, method, "propagation")
+        timers.wrap(predictor, "labels_from_soft", "labels_from_soft")
+        timers.wrap(predictor, "resize_labels", "resize_to_frame")
+        timers.wrap(OutputSink, "write_mask", "png_write")
+        try:
+            summary = propagate_to_folder(
+                frame_dir, mask_dir / "00000.png", Path(tmp) / "out", extractor
+            )
+        finally:
+            timers.restore()
+    total = summary.seconds  # the loop over frames: decode, features, engine, outputs
+    seconds = dict(timers.seconds)
+    seconds["other"] = total - sum(seconds.values())
+    return {
+        "input": f"generated 854x480 clip, {frames} frames, random fp16 {GRID[0]}x{GRID[1]}x{DIM}"
+        " features (a warm cache), default propagation settings (the context fills up over the"
+        " first 8 frames)",
+        "frames": frames,
+        "seconds_per_frame": total / frames,
+        "propagation_seconds_per_step": seconds["propagation"] / (frames - 1),
+        "seconds": {name: round(value, 4) for name, value in seconds.items()},
+        "propagation_share": seconds["propagation"] / total,
+        "outside_propagation_share": 1 - seconds["propagation"] / total,
+    }
 
 
 def _e2e_input(workdir: Path, frames: int) -> tuple[Path, Path, str]:
@@ -187,7 +283,9 @@ def bench_batching(frames: int, batch_sizes: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=5, help="frames for the end-to-end run")
+    parser.add_argument("--sweep-frames", type=int, default=10, help="frames of the sweep point")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument(
         "--batch-sizes", default="", help="e.g. 1,4: also time batched feature extraction"
@@ -199,6 +297,8 @@ def main() -> None:
         print(json.dumps(inner(args.inner, args.repeats)))
         return
     report = {"torch_threads": torch.get_num_threads(), "step": bench_step(args.skip_dense)}
+    if not args.skip_sweep:
+        report["sweep_point"] = bench_sweep_point(args.sweep_frames)
     if not args.skip_e2e:
         report["end_to_end"] = bench_end_to_end(args.frames)
     if args.batch_sizes:
