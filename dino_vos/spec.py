@@ -158,11 +158,10 @@ class PropagationConfig:
 
     topk: int = 5
     context: int = 7  # number of most recent frames besides the first one
-    radius: int | None = 12  # square window half-size in patches; None: the whole frame
+    radius: int | None = 12  # window half-size in patches; 0: same position; None: whole frame
     temperature: float = 0.1
-    tile: int = 12  # target tile side in patches (speed only; results do not depend on it)
     max_references: int = 5  # first frame + keyframes kept as permanent references
-    max_chunk_bytes: int = 32 * 2**20  # memory budget of one batch of tiles
+    max_chunk_bytes: int = 32 * 2**20  # memory budget of one group of products (speed only)
     upsample: Upsample = "bilinear"
     guided_radius: int | None = None
     guided_eps: float = 1e-3
@@ -183,8 +182,6 @@ class PropagationConfig:
             raise ValueError("temperature must be a positive, finite number")
         if self.radius is not None and self.radius < 0:
             raise ValueError("radius must be 0 or more (None: the whole frame)")
-        if self.tile < 1:
-            raise ValueError("tile must be at least 1")
         if self.max_references < 1:
             raise ValueError("max_references must be at least 1")
         if self.upsample not in UPSAMPLE_MODES:

@@ -18,7 +18,7 @@ from dino_vos.sources import Frame, MemorySource
 from dino_vos.spec import PropagationConfig
 from dino_vos.synthetic import make_clip
 
-CONFIG = PropagationConfig(radius=6, tile=8)
+CONFIG = PropagationConfig(radius=6)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_an_object_that_enters_later_is_absent_before_its_keyframe(clip):
 
 
 def test_a_correction_sets_its_frame_and_changes_the_frames_after_it(clip):
-    predictor = VideoPropagator(ColourFeatures(), PropagationConfig(radius=2, tile=8, topk=1))
+    predictor = VideoPropagator(ColourFeatures(), PropagationConfig(radius=2, topk=1))
     state = predictor.init_state(list(clip.frames))
     predictor.add_mask(state, 0, clip.masks[0])
     plain = {r.index: r.labels for r in predictor.propagate(state)}
@@ -242,7 +242,7 @@ def _drifting_clip(num_frames: int = 12, size: tuple[int, int] = (40, 64)):
 def test_both_directions_beat_either_one_on_a_drifting_object():
     frames, masks = _drifting_clip()
     last = len(frames) - 1
-    config = PropagationConfig(radius=4, tile=8, context=0)
+    config = PropagationConfig(radius=4, context=0)
     scores = {}
     for direction in ("forward", "backward", "both"):
         predictor = VideoPropagator(ColourFeatures(), config)

@@ -33,22 +33,24 @@ def _random_case(height, width, frames, classes, dim=24, seed=0):
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "frames", "classes", "topk", "radius", "tile"),
+    ("height", "width", "frames", "classes", "topk", "radius", "budget"),
     [
-        (7, 9, 1, 2, 5, 2, 3),
-        (12, 17, 4, 3, 5, 3, 4),
-        (20, 13, 3, 4, 3, None, 5),  # no window
-        (11, 9, 3, 2, 2, 0, 4),  # radius 0: the same position only
-        (10, 10, 8, 2, 1, 12, 8),  # window larger than the grid
-        (16, 24, 3, 5, 10, 5, 7),
-        (5, 31, 2, 3, 5, 1, 12),  # tile larger than one side
-        (9, 9, 8, 6, 20, 4, 2),
-        (12, 6, 2, 3, 5, 4, 5),  # the window spans the width but not the height
+        (7, 9, 1, 2, 5, 2, 2_000),  # groups are pieces of a row
+        (12, 17, 4, 3, 5, 3, 20_000),
+        (20, 13, 3, 4, 3, None, 20_000),  # no window
+        (11, 9, 3, 2, 2, 0, 20_000),  # radius 0: the same position only
+        (10, 10, 8, 2, 1, 12, 20_000),  # window larger than the grid
+        (16, 24, 3, 5, 10, 5, 10**7),  # one group of rows
+        (5, 31, 2, 3, 5, 1, 20_000),
+        (9, 9, 8, 6, 20, 4, 5_000),
+        (12, 6, 2, 3, 5, 4, 20_000),  # the window spans the width but not the height
     ],
 )
-def test_windowed_step_matches_dense_reference(height, width, frames, classes, topk, radius, tile):
+def test_windowed_step_matches_dense_reference(
+    height, width, frames, classes, topk, radius, budget
+):
     target, keys, labels = _random_case(height, width, frames, classes)
-    config = PropagationConfig(topk=topk, radius=radius, tile=tile, max_chunk_bytes=20_000)
+    config = PropagationConfig(topk=topk, radius=radius, max_chunk_bytes=budget)
     soft = LabelPropagator(config).soft_labels(
         F.normalize(target, dim=-1), F.normalize(keys, dim=-1), labels
     )
@@ -80,7 +82,7 @@ def test_ties_with_the_kth_value_are_kept():
     target = F.one_hot(torch.randint(0, 3, (9, 11), generator=generator), 5).float()
     keys = F.one_hot(torch.randint(0, 3, (3, 9, 11), generator=generator), 5).float()
     labels = torch.softmax(3 * torch.randn(3, 3, 9, 11, generator=generator), 1)
-    config = PropagationConfig(topk=5, radius=3, tile=4)
+    config = PropagationConfig(topk=5, radius=3)
     soft = LabelPropagator(config).soft_labels(target, keys, labels)
     expected = dense_propagate(target, keys, labels, topk=5, radius=3)
     torch.testing.assert_close(soft, expected, atol=1e-6, rtol=1e-6)
@@ -126,7 +128,7 @@ def test_added_context_frames_vote_like_the_dense_reference():
     """Frames with known labels pushed by add_context vote as context frames."""
     target, keys, labels = _random_case(13, 18, 3, 3)
     target, keys = F.normalize(target, dim=-1), F.normalize(keys, dim=-1)
-    engine = LabelPropagator(PropagationConfig(context=2, radius=4, tile=5))
+    engine = LabelPropagator(PropagationConfig(context=2, radius=4))
     engine.reset(keys[0], labels[0])
     for frame_keys, frame_labels in zip(keys[1:], labels[1:], strict=True):
         engine.add_context(frame_keys, frame_labels)
@@ -152,7 +154,7 @@ def test_context_queue_matches_reference_loop(context, frames):
     feats = torch.randn(frames, height, width, 16, generator=generator)
     first = F.one_hot(torch.randint(0, classes, (height, width), generator=generator), classes)
     first = first.permute(2, 0, 1).float()
-    config = PropagationConfig(topk=4, context=context, radius=4, tile=5)
+    config = PropagationConfig(topk=4, context=context, radius=4)
     engine = LabelPropagator(config)
     engine.reset(feats[0], first)
     queue: deque = deque(maxlen=context) if context else deque(maxlen=1)
@@ -176,9 +178,7 @@ def test_references_and_new_classes_match_a_dense_loop(max_references):
     feats = torch.randn(9, height, width, 16, generator=generator)
     hot = F.one_hot(torch.randint(0, classes + 1, (height, width), generator=generator), 3)
     first = hot.permute(2, 0, 1).float()[:classes]  # channel 2 (a later object) not yet known
-    config = PropagationConfig(
-        topk=4, context=context, radius=3, tile=4, max_references=max_references
-    )
+    config = PropagationConfig(topk=4, context=context, radius=3, max_references=max_references)
     engine = LabelPropagator(config)
     engine.reset(feats[0], first)
     references, queue = [(feats[0], first)], deque(maxlen=context)
@@ -266,7 +266,7 @@ def _jaccard(pred: np.ndarray, gt: np.ndarray, object_id: int) -> float:
 def test_generated_clip_is_tracked_with_colour_features():
     clip = make_clip(16, (96, 144), num_objects=3, seed=5, object_ids=(2, 5, 9))
     frames = [Frame(i, f"{i:05d}", image) for i, image in enumerate(clip.frames)]
-    propagator = VideoPropagator(ColourFeatures(), PropagationConfig(radius=6, tile=8))
+    propagator = VideoPropagator(ColourFeatures(), PropagationConfig(radius=6))
     state = propagator.init_state(frames)
     propagator.add_mask(state, 0, clip.masks[0])
     results = list(propagator.propagate(state))

@@ -221,7 +221,6 @@ def test_propagation_defaults_are_the_reference_protocol():
         "context": 7,
         "radius": 12,
         "temperature": 0.1,
-        "tile": 12,
         "max_chunk_bytes": 32 * 2**20,
         "max_references": 5,
     }
