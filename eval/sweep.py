@@ -171,7 +171,9 @@ class SweepRow:
     parameters: dict[str, Value]
     scores: dict[str, float]  # J&F-Mean, J-Mean, F-Mean
     seconds: float  # the setting's run time (status reused: as recorded by the run that made it)
-    status: str  # "propagated" (run now) or "reused" (complete reports found)
+    # "propagated" (run now), "rescored" (run now, every sequence's masks found finished: only
+    # scored, so its seconds are not a propagation time) or "reused" (complete reports found)
+    status: str
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -220,6 +222,8 @@ def _row(point: dict[str, Value], job: DavisJob, status: str) -> SweepRow:
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read the reports of sweep setting {tag(point)}: {exc}") from None
     cache = payload.get("cache") or {}
+    if status == "propagated" and not payload["timing"].get("propagated_frames"):
+        status = "rescored"
     return SweepRow(
         tag=tag(point),
         parameters=point,
@@ -497,7 +501,7 @@ def write_sweep_reports(job: SweepJob, rows: Sequence[SweepRow]) -> list[str]:
             column,
             justify="right",
             style="bold" if column == "J&F-Mean" else None,
-            min_width=len("propagated") if column == "status" else len(column),
+            min_width=len("propagated") if column == "status" else len(column),  # the longest
         )
     for row in sorted(rows, key=lambda r: -_sortable(r.scores["J&F-Mean"])):
         table.add_row(

@@ -85,6 +85,12 @@ def test_sweep_grid_cache_reports_and_resume(davis_root, tiny_weights, tmp_path)
     assert [row["status"] for row in redone] == ["reused", "reused", "propagated", "reused"]
     assert redone[2]["cache_misses"] == 0 and redone[2]["cache_hits"] == FRAMES
     assert redone[2]["J&F-Mean"] == rows[2]["J&F-Mean"]
+    # a setting whose reports are gone but whose masks are finished is only scored again
+    (out / "settings" / TAGS[1] / "davis_results-val.json").unlink()
+    rescored = sweep(davis_root, tiny_weights, out)
+    assert [row["status"] for row in rescored] == ["reused", "rescored", "reused", "reused"]
+    assert rescored[1]["cache_hits"] == rescored[1]["cache_misses"] == 0
+    assert rescored[1]["J&F-Mean"] == rows[1]["J&F-Mean"]
 
 
 def test_sweep_under_torchrun(davis_root, tiny_weights, tmp_path):

@@ -64,14 +64,22 @@ def main() -> int:
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
                 "cpu_count": os.cpu_count(),
                 "frames_computed": sum(row["cache_misses"] for row in rows),
-                "first_setting": {"tag": first["tag"], "seconds": first["seconds"]},
+                # meaningful for a fresh --out: the first setting computes the features
+                "first_setting": {
+                    "tag": first["tag"],
+                    "seconds": first["seconds"],
+                    "status": first["status"],
+                },
                 "other_settings_mean_seconds": round(
                     sum(row["seconds"] for row in others) / max(1, len(others)), 2
                 ),
                 "influence": report["influence"],
                 "heatmap": report["heatmap"],
                 "table": [
-                    {key: row[key] for key in ("tag", "J&F-Mean", "J-Mean", "F-Mean", "seconds")}
+                    {
+                        key: row[key]
+                        for key in ("tag", "J&F-Mean", "J-Mean", "F-Mean", "seconds", "status")
+                    }
                     for row in sorted(rows, key=lambda r: -r["J&F-Mean"])
                 ],
             },
