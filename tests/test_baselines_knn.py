@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_vos.distributed import gather_shards, shard_range
-from dino_vos.eval.knn import BYTES_PER_PAIR, chunk_sizes, knn_evaluate, knn_predict
+from dino_vos.eval.image.knn import BYTES_PER_PAIR, chunk_sizes, knn_evaluate, knn_predict
 
 
 def unit(*angles_deg: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from test_davis_eval import run_args, write_davis
 
 from dino_vos.cli import main
 from dino_vos.errors import InputError
-from dino_vos.eval.sweep import SweepGrid, influence, split_tokens, tag
+from dino_vos.eval.vos.sweep import SweepGrid, influence, split_tokens, tag
 
 #: alpha (8 frames, 2 objects) and beta (7 frames, 1 object) of the generated dataset
 SEQUENCES = ("--sequences", "alpha,beta")
@@ -179,7 +179,7 @@ def test_grid_tags_and_influence():
     with pytest.raises(InputError, match="needs at least one"):
         split_tokens([])
 
-    from dino_vos.eval.sweep import SweepRow
+    from dino_vos.eval.vos.sweep import SweepRow
 
     def row(topk: int, radius: int | None, jf: float) -> SweepRow:
         point = {"topk": topk, "radius": radius}

@@ -234,7 +234,7 @@ def test_eval_davis_rerun_with_other_settings_drops_old_reports(tmp_path, tiny_w
     assert manifest["status"] == "complete" and "global_results-val.csv" in manifest["outputs"]
     # a re-run with another top-k that stops before its reports: no report of the old settings
     # remains beside the new masks
-    from dino_vos.eval import davis_main
+    from dino_vos.eval.vos import davis_main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -32,11 +32,11 @@ import timm
 import torch
 
 from dino_vos.backbones import Backbone, load_backbone
-from dino_vos.eval.features import FeatureSpec, extract_image_features
-from dino_vos.eval.imagefolder import ImageFolderSplit, load_imagefolder
-from dino_vos.eval.knn import knn_evaluate
-from dino_vos.eval.linear import LinearConfig, default_spec, train_linear_probe
-from dino_vos.eval.transfer import TransferConfig, train_transfer
+from dino_vos.eval.image.features import FeatureSpec, extract_image_features
+from dino_vos.eval.image.imagefolder import ImageFolderSplit, load_imagefolder
+from dino_vos.eval.image.knn import knn_evaluate
+from dino_vos.eval.image.linear import LinearConfig, default_spec, train_linear_probe
+from dino_vos.eval.image.transfer import TransferConfig, train_transfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_davis_imagefolder import DEFAULT_SRC, build  # noqa: E402

@@ -26,9 +26,9 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data" / "davis2016-val-dev"
 
 def time_scoring(root: Path, results: Path, names: list[str] | None, max_frames: int | None):
     """Seconds to read and score every sequence of ``results`` (one process)."""
-    from dino_vos.eval.davis import RunSettings, evaluate_davis
-    from dino_vos.eval.davis_data import DavisDataset
     from dino_vos.eval.davis_metrics import global_statistics
+    from dino_vos.eval.vos.davis import RunSettings, evaluate_davis
+    from dino_vos.eval.vos.davis_data import DavisDataset
 
     dataset = DavisDataset(root, sequences=names, require_frames=False, max_frames=max_frames)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """``dino-vos eval knn|linear|transfer``: image baselines of a backbone on an ImageFolder.
 
 Each command reads ``--train DIR`` and ``--val DIR`` (``<class>/<images>``), runs one baseline of
-:mod:`dino_vos.eval.baselines` (which writes ``OUT/<command>.json``) and prints a table. Under
+:mod:`dino_vos.eval.image.baselines` (which writes ``OUT/<command>.json``) and prints a table. Under
 ``torchrun`` every rank extracts its share of the features; rank 0 prints and writes.
 """
 
@@ -20,7 +20,7 @@ from dino_vos.defaults import IMAGE_SIZE, KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMP
 from dino_vos.spec import BackboneSpec
 
 if TYPE_CHECKING:
-    from dino_vos.eval.baselines import BaselineRun
+    from dino_vos.eval.image.baselines import BaselineRun
 
 
 def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
@@ -82,7 +82,7 @@ def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
         @with_backbone_spec(short_side=None, seed=True)
         @functools.wraps(func)
         def wrapper(spec: BackboneSpec, **kw: Any) -> Any:
-            from dino_vos.eval.baselines import open_baseline_run
+            from dino_vos.eval.image.baselines import open_baseline_run
 
             out_dir = kw.pop("out_dir")
             cache_dir = kw.pop("cache_dir") or out_dir / "features"
@@ -139,7 +139,7 @@ def _accuracy_table(title: str, columns: list[str], rows: list[list[Any]]) -> An
 @baseline_options(batch_size=64)
 def knn(run: BaselineRun, ks: tuple[int, ...], temperature: float, memory_budget_mb: float) -> None:
     """Weighted k-NN on CLS features (reference protocol): top-1/top-5 for every k."""
-    from dino_vos.eval.baselines import run_knn
+    from dino_vos.eval.image.baselines import run_knn
 
     results = run_knn(run, ks or KNN_KS, temperature, memory_budget_mb)
     if results is None:
@@ -187,7 +187,7 @@ def linear(
     avgpool: bool | None,
 ) -> None:
     """Linear probe of the frozen backbone (reference protocol, or --fast on cached features)."""
-    from dino_vos.eval.baselines import run_linear
+    from dino_vos.eval.image.baselines import run_linear
 
     results = run_linear(run, epochs, lr, fast, n_last_blocks, avgpool)
     if results is None:
@@ -253,8 +253,8 @@ def transfer(
     save_model: bool,
 ) -> None:
     """Fine-tune the backbone with a new linear head (and a linear-only run to compare)."""
-    from dino_vos.eval.baselines import run_transfer
-    from dino_vos.eval.transfer import TransferConfig
+    from dino_vos.eval.image.baselines import run_transfer
+    from dino_vos.eval.image.transfer import TransferConfig
 
     config = TransferConfig(
         epochs=epochs,

@@ -18,7 +18,7 @@ from dino_vos.cli.options import (
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 if TYPE_CHECKING:
-    from dino_vos.eval.sweep import SweepGrid
+    from dino_vos.eval.vos.sweep import SweepGrid
 
 
 @click.command("davis")
@@ -131,7 +131,7 @@ def davis(
     grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
     if grid is not None and results_dir is not None:
         raise click.UsageError("--sweep propagates: drop --results (or --sweep)")
-    from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
+    from dino_vos.eval.vos.davis_main import DavisJob, check_job, run_davis
 
     try:
         schedule = KeyframeSchedule.parse(keyframes) if keyframes is not None else None
@@ -172,14 +172,14 @@ def davis(
     if grid is None:
         run_davis(job)
         return
-    from dino_vos.eval.sweep import SweepJob, run_sweep
+    from dino_vos.eval.vos.sweep import SweepJob, run_sweep
 
     run_sweep(SweepJob(job, grid))
 
 
 def _sweep_grid(tokens: list[str]) -> SweepGrid:
     """The grid of ``--sweep`` tokens, each value read by its option's own type."""
-    from dino_vos.eval.sweep import SweepGrid, split_tokens
+    from dino_vos.eval.vos.sweep import SweepGrid, split_tokens
 
     values = {}
     for name, texts in split_tokens(tokens).items():

@@ -51,7 +51,7 @@ def youtube_vos(
     """Propagate every video of a YouTube-VOS split from its sparse annotations (each object
     starts on the frame where it is first annotated) and write OUT/submission.zip for the
     benchmark server. Complete videos are reused, so an interrupted run resumes."""
-    from dino_vos.eval.youtube_vos import YouTubeVOSJob, run_youtube_vos
+    from dino_vos.eval.vos.youtube_vos import YouTubeVOSJob, run_youtube_vos
 
     names = tuple(n.strip() for n in videos.split(",") if n.strip()) if videos else None
     job = YouTubeVOSJob(

@@ -2,7 +2,7 @@
 
 Every setting of the grid is an ordinary ``eval davis`` run into ``OUT/settings/<tag>/`` (so it
 resumes, and a complete setting is reused as it is); all of them read the backbone features from
-one :class:`~dino_vos.eval.cache.FeatureCache` (``--cache`` or ``OUT/feature-cache``), which the
+one :class:`~dino_vos.eval.vos.cache.FeatureCache` (``--cache`` or ``OUT/feature-cache``), which the
 first setting fills. Rank 0 writes ``sweep.csv``, ``sweep.json`` and a heat-map ``sweep.png``.
 
 This module imports no torch at load time: the command line parses a grid before any model.
@@ -34,7 +34,7 @@ from dino_vos.outputs import (
 from dino_vos.spec import PropagationConfig
 
 if TYPE_CHECKING:
-    from dino_vos.eval.davis_main import DavisJob
+    from dino_vos.eval.vos.davis_main import DavisJob
 
 #: The ``format`` of the manifest of a sweep folder.
 SWEEP_FORMAT = "dino-vos-davis-sweep"
@@ -195,15 +195,15 @@ def is_sweep_result(folder: Path) -> bool:
 
 
 def _reports(job: DavisJob) -> Path:
-    from dino_vos.eval.davis_report import output_paths
+    from dino_vos.eval.vos.davis_report import output_paths
 
     return output_paths(job.report_dir, job.report_label)["json"]
 
 
 def is_complete(job: DavisJob) -> bool:
     """The setting's folder holds complete reports of exactly this run."""
-    from dino_vos.eval.davis_main import RUN_FORMAT
-    from dino_vos.eval.davis_report import output_paths
+    from dino_vos.eval.vos.davis_main import RUN_FORMAT
+    from dino_vos.eval.vos.davis_report import output_paths
 
     manifest = read_manifest(job.report_dir)
     return (
@@ -244,7 +244,7 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
     if any, stops every rank at once instead of leaving them waiting).
     """
     from dino_vos.distributed import launch_env
-    from dino_vos.eval.davis_main import check_job
+    from dino_vos.eval.vos.davis_main import check_job
 
     base = job.base
     if base.scoring_only:
@@ -283,7 +283,7 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
 
 def _prepare(job: SweepJob, jobs: Sequence[DavisJob]) -> list[bool]:
     """Check the inputs and the sweep folder, mark it as ours; which settings are complete."""
-    from dino_vos.eval.davis_data import DavisDataset
+    from dino_vos.eval.vos.davis_data import DavisDataset
 
     base = job.base
     dataset = DavisDataset(  # input errors before anything is written
@@ -327,7 +327,7 @@ def _run_settings(
     complete: Sequence[bool],
     rank: int,
 ) -> list[SweepRow] | None:
-    from dino_vos.eval.davis_main import run_davis
+    from dino_vos.eval.vos.davis_main import run_davis
 
     features = None
     rows: list[SweepRow] = []

@@ -2,8 +2,8 @@
 
 :func:`open_baseline_run` reads ``train``/``val`` (``<class>/<images>``), joins the ``torchrun``
 group and builds the backbone from a :class:`~dino_vos.spec.BackboneSpec`; :func:`run_knn`,
-:func:`run_linear` and :func:`run_transfer` each run one algorithm (:mod:`~dino_vos.eval.knn`,
-:mod:`~dino_vos.eval.linear`, :mod:`~dino_vos.eval.transfer`) and write
+:func:`run_linear` and :func:`run_transfer` each run one algorithm (:mod:`~dino_vos.eval.image.knn`,
+:mod:`~dino_vos.eval.image.linear`, :mod:`~dino_vos.eval.image.transfer`) and write
 ``OUT/<baseline>.json`` atomically on rank 0, returning its content (None on other ranks).
 """
 
@@ -24,11 +24,16 @@ from dino_vos.backbones import Backbone
 from dino_vos.console import console, progress_bar
 from dino_vos.defaults import KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.distributed import cleanup, init_distributed
-from dino_vos.eval.features import FeatureSpec, cached_image_features
-from dino_vos.eval.imagefolder import ImageFolderSplit, check_sizes, load_imagefolder
-from dino_vos.eval.knn import knn_evaluate
-from dino_vos.eval.linear import LinearConfig, default_spec, save_classifier, train_linear_probe
-from dino_vos.eval.transfer import TransferConfig, train_transfer
+from dino_vos.eval.image.features import FeatureSpec, cached_image_features
+from dino_vos.eval.image.imagefolder import ImageFolderSplit, check_sizes, load_imagefolder
+from dino_vos.eval.image.knn import knn_evaluate
+from dino_vos.eval.image.linear import (
+    LinearConfig,
+    default_spec,
+    save_classifier,
+    train_linear_probe,
+)
+from dino_vos.eval.image.transfer import TransferConfig, train_transfer
 from dino_vos.spec import BackboneSpec
 
 

@@ -32,15 +32,15 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dino_vos.backbones import Backbone
 from dino_vos.distributed import world_info
-from dino_vos.eval.features import (
+from dino_vos.eval.image.features import (
     FeatureSpec,
     image_features,
     iterate_loader,
     make_loader,
     write_safetensors,
 )
-from dino_vos.eval.imagefolder import ImageFolderDataset, ImageFolderSplit, train_transform
-from dino_vos.eval.knn import accuracy, rank_classes
+from dino_vos.eval.image.imagefolder import ImageFolderDataset, ImageFolderSplit, train_transform
+from dino_vos.eval.image.knn import accuracy, rank_classes
 
 #: Embedding width from which the ViT-B protocol (last CLS + mean patch token) is the default.
 VIT_B_DIM = 768

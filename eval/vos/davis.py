@@ -27,9 +27,9 @@ from dino_vos.api import propagate_to_folder
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
 from dino_vos.errors import DinoVosError, InputError
-from dino_vos.eval.cache import CacheStats, FeatureCache, feature_settings
-from dino_vos.eval.davis_data import DavisSequence, read_results
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
+from dino_vos.eval.vos.cache import CacheStats, FeatureCache, feature_settings
+from dino_vos.eval.vos.davis_data import DavisSequence, read_results
 from dino_vos.features import BackboneFeatures
 from dino_vos.masks import read_mask
 from dino_vos.outputs import is_reusable_result

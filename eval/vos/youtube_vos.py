@@ -28,7 +28,7 @@ from dino_vos.atomic import atomic_path, atomic_write_json
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.console import console, progress_bar
 from dino_vos.errors import InputError
-from dino_vos.eval.cache import FeatureCache, feature_settings
+from dino_vos.eval.vos.cache import FeatureCache, feature_settings
 from dino_vos.features import BackboneFeatures
 from dino_vos.outputs import (
     MANIFEST_NAME,

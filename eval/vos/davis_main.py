@@ -13,10 +13,10 @@ from dino_vos.atomic import atomic_write_json
 from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
 from dino_vos.errors import InputError
-from dino_vos.eval.davis import DavisRun, RunSettings, evaluate_davis, shard_sequences
-from dino_vos.eval.davis_data import DavisDataset
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
-from dino_vos.eval.davis_report import (
+from dino_vos.eval.vos.davis import DavisRun, RunSettings, evaluate_davis, shard_sequences
+from dino_vos.eval.vos.davis_data import DavisDataset
+from dino_vos.eval.vos.davis_report import (
     global_csv,
     output_paths,
     per_sequence_csv,

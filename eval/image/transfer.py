@@ -32,15 +32,15 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dino_vos.backbones import Backbone
 from dino_vos.distributed import shard_range, world_info
-from dino_vos.eval.features import iterate_loader, make_loader
-from dino_vos.eval.imagefolder import (
+from dino_vos.eval.image.features import iterate_loader, make_loader
+from dino_vos.eval.image.imagefolder import (
     ImageFolderDataset,
     ImageFolderSplit,
     eval_transform,
     train_transform,
 )
-from dino_vos.eval.knn import rank_classes
-from dino_vos.eval.linear import LinearClassifier
+from dino_vos.eval.image.knn import rank_classes
+from dino_vos.eval.image.linear import LinearClassifier
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token")
 

@@ -26,7 +26,7 @@ from dino_vos.backbones import Backbone, weights_fingerprint
 from dino_vos.console import console
 from dino_vos.distributed import gather_shards, shard_range, world_info
 from dino_vos.errors import InputError
-from dino_vos.eval.imagefolder import (
+from dino_vos.eval.image.imagefolder import (
     ImageFolderDataset,
     ImageFolderSplit,
     check_sizes,

@@ -1,0 +1,1 @@
+"""Image baselines of backbones: weighted k-NN, linear probe, transfer."""

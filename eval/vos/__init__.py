@@ -1,0 +1,1 @@
+"""Video object segmentation benchmarks: DAVIS, YouTube-VOS, parameter sweeps."""
