@@ -27,12 +27,14 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data" / "davis2016-val-dev"
 def time_scoring(root: Path, results: Path, names: list[str] | None, max_frames: int | None):
     """Seconds to read and score every sequence of ``results`` (one process)."""
     from dino_vos.eval.davis_metrics import global_statistics
-    from dino_vos.eval.vos.davis import RunSettings, evaluate_davis
-    from dino_vos.eval.vos.davis_data import DavisDataset
+    from dino_vos.eval.vos.davis import evaluate_davis
+    from dino_vos.eval.vos.davis_main import DavisJob
 
-    dataset = DavisDataset(root, sequences=names, require_frames=False, max_frames=max_frames)
+    sequences = tuple(names) if names else None
+    job = DavisJob(root, sequences=sequences, results_dir=results, max_frames=max_frames)
+    dataset = job.dataset()
     start = time.perf_counter()
-    run = evaluate_davis(dataset.sequences, RunSettings(results_dir=results, propagate=False))
+    run = evaluate_davis(dataset.sequences, job)
     seconds = time.perf_counter() - start
     frames = sum(len(s.scored_stems) for s in dataset)
     return {

@@ -129,16 +129,12 @@ def davis(
             f"unexpected argument {sweep_more[0]!r}: NAME=V1,V2 arguments need --sweep"
         )
     grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
-    if grid is not None and results_dir is not None:
-        raise click.UsageError("--sweep propagates: drop --results (or --sweep)")
-    from dino_vos.eval.vos.davis_main import DavisJob, check_job, run_davis
+    from dino_vos.eval.vos.davis_main import DavisJob, run_davis
 
     try:
         schedule = KeyframeSchedule.parse(keyframes) if keyframes is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--keyframes") from None
-    if (schedule is not None or direction != "forward") and results_dir is not None:
-        raise click.UsageError("--keyframes and --direction apply to propagation, not to --results")
     names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
     given = [
         flag
@@ -168,7 +164,7 @@ def davis(
         keyframes=schedule,
         direction=direction,
     )
-    check_job(job, given)
+    job.check(given, sweep=grid is not None)
     if grid is None:
         run_davis(job)
         return

@@ -18,7 +18,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from dino_vos.atomic import atomic_write_json
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.features import BackboneFeatures
 from dino_vos.masks import atomic_write_bytes
+from dino_vos.runner import feature_settings
 from dino_vos.sources import Frame
 
 TENSOR_NAME = "features"
@@ -60,25 +60,6 @@ class CacheStats:
     def add(self, other: CacheStats) -> None:
         self.hits += other.hits
         self.misses += other.misses
-
-
-def feature_settings(features: BackboneFeatures, fingerprint: str) -> dict[str, Any]:
-    """The settings that make a run's features what they are, as benchmark manifests record
-    them (a result with other settings is not reused)."""
-    backbone = features.backbone
-    return {
-        "backbone": backbone.name,
-        "weights_fingerprint": fingerprint,
-        "pos_embed": backbone.pos_embed_mode,
-        "resize": features.resize.key(),
-        "precision": features.precision,
-        # shift ensembling (docs/protocol.md#refinements); off: the entries of earlier runs
-        **(
-            {"shift_ensemble": shifts}
-            if (shifts := getattr(features, "shift_ensemble", 1)) > 1
-            else {}
-        ),
-    }
 
 
 def cache_key(features: BackboneFeatures, fingerprint: str) -> dict[str, object]:

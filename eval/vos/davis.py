@@ -1,9 +1,8 @@
 """DAVIS benchmark runner: propagate every sequence with the engine, score it, merge the scores.
 
-- One sequence = :func:`dino_vos.api.propagate_to_folder` into ``OUT/<seq>/`` (staged outputs, a
-  ``dino-vos.json`` manifest written last), then J&F of its PNGs against the annotations. A
-  sequence whose manifest exists and records the same backbone weights, resize rule, propagation
-  parameters and frame count is not propagated again; anything else is redone.
+- One sequence = :class:`dino_vos.runner.SequenceRunner` into ``OUT/<seq>/`` (propagated
+  unless a finished result of the same settings is there), then J&F of its PNGs against the
+  annotations.
 - ``workers > 1`` runs sequences in spawned processes (each builds the same backbone from a
   :class:`BackboneSpec`); under ``torchrun`` (``RANK``/``WORLD_SIZE``) every rank takes a shard
   balanced by frame count and rank 0 gathers the scores over a gloo process group.
@@ -13,29 +12,23 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dino_vos.api import propagate_to_folder
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
 from dino_vos.errors import DinoVosError, InputError
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
-from dino_vos.eval.vos.cache import CacheStats, FeatureCache, feature_settings
+from dino_vos.eval.vos.cache import CacheStats, FeatureCache
 from dino_vos.eval.vos.davis_data import DavisSequence, read_results
 from dino_vos.features import BackboneFeatures
-from dino_vos.masks import read_mask
-from dino_vos.outputs import is_reusable_result
-from dino_vos.propagation import PropagationConfig
-from dino_vos.sources import FolderSource
-from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule
+from dino_vos.runner import RunOutcome, SequenceRunner, map_in_processes, report_frame
+
+if TYPE_CHECKING:
+    from dino_vos.eval.vos.davis_main import DavisJob
 
 
 @dataclass
@@ -62,25 +55,6 @@ class SequenceResult:
         }
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What one process needs to handle sequences (picklable)."""
-
-    results_dir: Path  # masks are scored from here (= out_dir when propagating)
-    propagate: bool
-    config: PropagationConfig = field(default_factory=PropagationConfig)
-    cache_dir: Path | None = None
-    ignore_void: bool = False
-    bound_th: float = BOUNDARY_THRESHOLD
-    overwrite: bool = False  # allow sequence folders that are not dino-vos results
-    keyframes: KeyframeSchedule | None = None  # simulated corrections (not the standard protocol)
-    direction: Direction = "forward"
-
-    def keyframe_indices(self, sequence: DavisSequence) -> list[int]:
-        """Frames whose ground truth is given: 0, plus the schedule's."""
-        return self.keyframes.indices(len(sequence.stems)) if self.keyframes else [0]
-
-
 def score_sequence(
     sequence: DavisSequence,
     results_dir: str | Path,
@@ -100,115 +74,72 @@ def score_sequence(
 
 
 class SequenceEvaluator:
-    """Propagates (when asked) and scores sequences in the current process."""
+    """Propagates (unless the job only scores) and scores sequences in the current process."""
 
     def __init__(
         self,
-        settings: RunSettings,
+        job: DavisJob,
         features: BackboneFeatures | None = None,
         fingerprint: str | None = None,
     ) -> None:
-        if settings.propagate and features is None:
+        if not job.scoring_only and features is None:
             raise ValueError("propagation needs features")
-        self.settings = settings
-        self.features = features
-        self.fingerprint = fingerprint
-        if features is not None and self.fingerprint is None:
-            self.fingerprint = weights_fingerprint(features.backbone)
-        self.cache = (
-            FeatureCache(features, settings.cache_dir, self.fingerprint)
-            if features is not None and settings.cache_dir is not None
-            else None
-        )
+        self.job = job
+        self.cache: FeatureCache | None = None
+        self.runner: SequenceRunner | None = None
+        if features is not None:
+            fingerprint = fingerprint or weights_fingerprint(features.backbone)
+            if job.cache_dir is not None:
+                self.cache = FeatureCache(features, job.cache_dir, fingerprint)
+            self.runner = SequenceRunner(
+                features,
+                job.runner_settings(),
+                fingerprint,
+                self.cache.for_sequence if self.cache else None,
+            )
 
-    def expected_manifest(self, sequence: DavisSequence) -> dict[str, Any]:
-        """Manifest entries a finished, reusable propagation of ``sequence`` must hold."""
-        assert self.features is not None and self.fingerprint is not None
-        return {
-            "frames": len(sequence.frames),
-            "propagation": self.settings.config.to_dict(),
-            **feature_settings(self.features, self.fingerprint),
-            "keyframes": [sequence.stems[i] for i in self.settings.keyframe_indices(sequence)],
-            "direction": self.settings.direction,
-        }
-
-    def is_up_to_date(self, sequence: DavisSequence) -> bool:
-        out = self.settings.results_dir / sequence.name
-        return is_reusable_result(out, self.expected_manifest(sequence), sequence.stems)
-
-    def write_masks(
+    def propagate(
         self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None
-    ) -> tuple[float, CacheStats]:
+    ) -> tuple[RunOutcome, CacheStats]:
         """Propagate the first annotation (and the keyframes' ground truth, when asked) into
-        ``RESULTS/<seq>/``; returns (seconds, cache hits)."""
-
-        assert self.features is not None
-        extractor = self.cache.for_sequence(sequence.name) if self.cache else self.features
+        ``OUT/<seq>/`` unless it is there; returns what was done and the cache hits."""
+        assert self.runner is not None
         before = CacheStats(**asdict(self.cache.stats)) if self.cache else CacheStats()
-        source = FolderSource(sequence.frames_dir, limit=len(sequence.frames))
-        keyframes = {
-            i: read_mask(sequence.annotations[i]) for i in self.settings.keyframe_indices(sequence)
-        }
-        summary = propagate_to_folder(
-            source,
-            keyframes,
-            self.settings.results_dir / sequence.name,
-            extractor,
-            self.settings.config,
-            on_frame=(lambda _: on_frame()) if on_frame else None,
-            metadata={
-                **self.expected_manifest(sequence),
-                "weights": self.features.backbone.weights_id,
-                "sequence": sequence.name,
-            },
-            overwrite=self.settings.overwrite,
-            direction=self.settings.direction,
-            complete_keyframes=True,
-        )
+        task = sequence.task(self.job.keyframe_indices(len(sequence.stems)))
+        metadata = {"weights": self.runner.features.backbone.weights_id, "sequence": sequence.name}
+        outcome = self.runner.run(task, self.job.masks_dir / sequence.name, on_frame, metadata)
         delta = CacheStats()
         if self.cache is not None:
             delta = CacheStats(
                 self.cache.stats.hits - before.hits, self.cache.stats.misses - before.misses
             )
-        return summary.seconds, delta
+        return outcome, delta
 
     def run(
         self, sequence: DavisSequence, on_frame: Callable[[], None] | None = None
     ) -> SequenceResult:
-        seconds, frames, cache = 0.0, 0, CacheStats()
-        status = "scored"
-        if self.settings.propagate:
-            if self.is_up_to_date(sequence):
-                status = "skipped"
-            else:
-                seconds, cache = self.write_masks(sequence, on_frame)
-                frames, status = len(sequence.frames), "propagated"
+        outcome, cache = RunOutcome("scored"), CacheStats()
+        if self.runner is not None:
+            outcome, cache = self.propagate(sequence, on_frame)
         objects = score_sequence(
             sequence,
-            self.settings.results_dir,
-            self.settings.ignore_void,
-            self.settings.bound_th,
-            self.settings.keyframe_indices(sequence),
+            self.job.masks_dir,
+            self.job.ignore_void,
+            keyframes=self.job.keyframe_indices(len(sequence.stems)),
         )
-        return SequenceResult(sequence.name, objects, frames, seconds, status, cache)
+        return SequenceResult(
+            sequence.name, objects, outcome.frames, outcome.seconds, outcome.status, cache
+        )
 
 
 # --- worker processes -------------------------------------------------------------------------
 
 _worker: SequenceEvaluator | None = None
-_progress_queue: Any = None
 
 
-def _init_worker(
-    settings: RunSettings,
-    spec: BackboneSpec | None,
-    fingerprint: str | None,
-    threads: int,
-    queue: Any,
-) -> None:
-    global _worker, _progress_queue
-    torch.set_num_threads(threads)
-    features = spec.build() if (spec is not None and settings.propagate) else None
+def _init_worker(job: DavisJob, fingerprint: str | None) -> None:
+    global _worker
+    features = job.spec.build() if (job.spec is not None and not job.scoring_only) else None
     if features is not None and fingerprint is not None:
         built = weights_fingerprint(features.backbone)
         if built != fingerprint:
@@ -216,76 +147,45 @@ def _init_worker(
                 "a worker process built different backbone weights than the main process: pass "
                 "--weights FILE (or use --workers 1)"
             )
-    _worker = SequenceEvaluator(settings, features, fingerprint)
-    _progress_queue = queue
+    _worker = SequenceEvaluator(job, features, fingerprint)
 
 
 def _run_in_worker(sequence: DavisSequence) -> SequenceResult:
     assert _worker is not None
-    return _worker.run(sequence, on_frame=lambda: _progress_queue.put(1))
-
-
-def _drain(queue: Any, advance: Callable[[int], None]) -> None:
-    count = 0
-    while not queue.empty():
-        queue.get_nowait()
-        count += 1
-    if count:
-        advance(count)
+    return _worker.run(sequence, on_frame=report_frame)
 
 
 def run_sequences(
     sequences: Sequence[DavisSequence],
-    settings: RunSettings,
+    job: DavisJob,
     features: BackboneFeatures | None = None,
-    spec: BackboneSpec | None = None,
     fingerprint: str | None = None,
-    workers: int = 1,
     advance: Callable[[int], None] | None = None,
 ) -> list[SequenceResult]:
-    """Handle ``sequences`` here (``workers == 1``) or in worker processes; keeps their order.
-
-    ``advance(n)`` reports progress in frames (propagated, or scored when not propagating).
-    """
-    advance = advance or (lambda _: None)
-    if workers <= 1 or len(sequences) <= 1:
-        evaluator = SequenceEvaluator(settings, features, fingerprint)
+    """Handle ``sequences`` here (``job.workers == 1``) or in worker processes; keeps their
+    order. ``advance(n)`` reports progress in frames (propagated, or scored when not
+    propagating)."""
+    progress = advance or (lambda _: None)
+    if job.workers <= 1 or len(sequences) <= 1:
+        evaluator = SequenceEvaluator(job, features, fingerprint)
         results = []
         for sequence in sequences:
-            result = evaluator.run(sequence, on_frame=lambda: advance(1))
-            advance(len(sequence.annotations) - result.frames)
+            result = evaluator.run(sequence, on_frame=lambda: progress(1))
+            progress(len(sequence.annotations) - result.frames)
             results.append(result)
         return results
-    if settings.propagate and spec is None:
+    if not job.scoring_only and job.spec is None:
         raise ValueError("worker processes need a BackboneSpec to build the backbone")
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = min(workers, len(sequences))
-    threads = max(1, torch.get_num_threads() // workers)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].annotations))
-    results: list[SequenceResult | None] = [None] * len(sequences)
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(settings, spec, fingerprint, threads, queue),
-    ) as pool:
-        futures = {pool.submit(_run_in_worker, sequences[i]): i for i in order}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                _drain(queue, advance)
-                for future in done:
-                    index = futures[future]
-                    result = future.result()
-                    results[index] = result
-                    advance(len(sequences[index].annotations) - result.frames)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        _drain(queue, advance)
-    return [r for r in results if r is not None]
+    return map_in_processes(
+        _run_in_worker,
+        sequences,
+        [len(sequence.annotations) for sequence in sequences],
+        job.workers,
+        _init_worker,
+        (job, fingerprint),
+        progress,
+        lambda index, result: progress(len(sequences[index].annotations) - result.frames),
+    )
 
 
 # --- sharding over torchrun ranks -------------------------------------------------------------
@@ -341,20 +241,18 @@ class DavisRun:
 
 def evaluate_davis(
     sequences: Sequence[DavisSequence],
-    settings: RunSettings,
+    job: DavisJob,
     features: BackboneFeatures | None = None,
-    spec: BackboneSpec | None = None,
-    workers: int = 1,
     advance: Callable[[int], None] | None = None,
 ) -> DavisRun | None:
-    """Run this rank's shard and merge on rank 0; returns None on the other ranks."""
-    if settings.propagate and features is None:
+    """Run this rank's shard of ``job`` and merge on rank 0; returns None on the other ranks."""
+    if not job.scoring_only and features is None:
         raise InputError("propagation needs a backbone: pass --backbone/--weights or --results")
     start = time.perf_counter()
     rank, world = launch_env()
     fingerprint = weights_fingerprint(features.backbone) if features is not None else None
     shard = shard_sequences(sequences, rank, world)
-    local = run_sequences(shard, settings, features, spec, fingerprint, workers, advance)
+    local = run_sequences(shard, job, features, fingerprint, advance)
     for result in local:
         result.rank = rank
     shards = gather_to_main(local)

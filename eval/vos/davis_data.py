@@ -18,6 +18,7 @@ from PIL import Image
 from dino_vos.errors import InputError
 from dino_vos.eval.davis_metrics import num_objects_of
 from dino_vos.masks import read_mask
+from dino_vos.runner import VideoTask
 from dino_vos.sources import IMAGE_SUFFIXES, natural_key
 
 MIN_FRAMES = 3  # the first and the last frame are not scored
@@ -51,6 +52,21 @@ class DavisSequence:
     def stems(self) -> list[str]:
         """Frame names (annotation file stems)."""
         return [p.stem for p in self.annotations]
+
+    @property
+    def frame_names(self) -> tuple[str, ...]:
+        return tuple(self.stems)
+
+    def task(self, keyframes: Sequence[int] | None = None) -> VideoTask:
+        """Propagation from the ground truth of the first frame (or of ``keyframes``)."""
+        given = keyframes if keyframes is not None else (0,)
+        return VideoTask(
+            self.name,
+            self.frames_dir,
+            self.frame_names,
+            {index: self.annotations[index] for index in given},
+            limit=len(self.frames),
+        )
 
     @property
     def scored_stems(self) -> list[str]:
@@ -178,6 +194,11 @@ class DavisDataset:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sequences]
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The benchmark's folders (every resolution): outputs never touch them."""
+        return [self.root / "Annotations", self.root / "JPEGImages"]
 
     def _check_folders(self) -> None:
         for folder, needed in (

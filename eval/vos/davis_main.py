@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dino_vos import __version__
-from dino_vos.atomic import atomic_write_json
 from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
 from dino_vos.errors import InputError
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
-from dino_vos.eval.vos.davis import DavisRun, RunSettings, evaluate_davis, shard_sequences
+from dino_vos.eval.vos.davis import DavisRun, evaluate_davis, shard_sequences
 from dino_vos.eval.vos.davis_data import DavisDataset
 from dino_vos.eval.vos.davis_report import (
     global_csv,
@@ -26,14 +24,8 @@ from dino_vos.eval.vos.davis_report import (
 )
 from dino_vos.features import BackboneFeatures
 from dino_vos.masks import atomic_write_bytes
-from dino_vos.outputs import (
-    MANIFEST_NAME,
-    check_not_an_input,
-    check_out_dir,
-    check_writable,
-    listed_outputs,
-    read_manifest,
-)
+from dino_vos.result_folder import ResultFolder
+from dino_vos.runner import RunnerSettings
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 #: The ``format`` of the manifest ``eval davis`` keeps in its report folder.
@@ -84,6 +76,60 @@ class DavisJob:
     def report_dir(self) -> Path:
         return self.out_dir or self.results_dir  # type: ignore[return-value]
 
+    @property
+    def masks_dir(self) -> Path:
+        """Where the sequences' masks are (written, when propagating) and scored from."""
+        return self.results_dir or self.out_dir  # type: ignore[return-value]
+
+    def keyframe_indices(self, frames: int) -> list[int]:
+        """Frames of a sequence whose ground truth is given: 0, plus the schedule's."""
+        return self.keyframes.indices(frames) if self.keyframes else [0]
+
+    def runner_settings(self) -> RunnerSettings:
+        """How each sequence is propagated: from ground truth that shows every object."""
+        return RunnerSettings(self.config, self.direction, self.overwrite, complete_keyframes=True)
+
+    def dataset(self) -> DavisDataset:
+        """The split's sequences, checked (frames too when propagating)."""
+        return DavisDataset(
+            self.davis_root,
+            self.split,
+            self.resolution,
+            self.year,
+            list(self.sequences) if self.sequences else None,
+            require_frames=not self.scoring_only,
+            max_frames=self.max_frames,
+        )
+
+    def result_folder(self) -> ResultFolder:
+        """The report folder's transaction (with --results, beside the masks)."""
+        reports = tuple(path.name for path in output_paths(Path(), self.report_label).values())
+        return ResultFolder(self.report_dir, RUN_FORMAT, self.run_key(), reports)
+
+    def check(self, given: Sequence[str] = (), sweep: bool = False) -> None:
+        """Refuse contradictory modes (the one place they are checked); ``given`` names model
+        options the user passed explicitly, ``sweep`` says a grid is asked for."""
+        if self.scoring_only:
+            if sweep:
+                raise InputError("--sweep propagates: drop --results (or --sweep)")
+            if self.keyframes is not None or self.direction != "forward":
+                raise InputError(
+                    "--keyframes and --direction apply to propagation, not to --results"
+                )
+            if given:
+                raise InputError(
+                    f"--results only scores existing masks: drop {', '.join(given)} (or drop "
+                    "--results to propagate)"
+                )
+            if not self.results_dir.is_dir():  # type: ignore[union-attr]
+                raise InputError(f"results folder not found: {self.results_dir}")
+        elif self.out_dir is None:
+            raise InputError(
+                "give --out DIR to propagate and score, or --results DIR to only score"
+            )
+        elif self.spec is None:
+            raise InputError("propagation needs a backbone spec")
+
     def run_key(self) -> dict[str, Any]:
         """What determines the reports: a re-run with another key replaces them."""
         return {
@@ -101,76 +147,21 @@ class DavisJob:
         }
 
 
-def is_davis_result(folder: Path) -> bool:
-    """A folder that an earlier ``eval davis`` wrote (its manifest says so)."""
-    return read_manifest(folder).get("format") == RUN_FORMAT
-
-
 def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
-    """Apply the output rules to the report folder and forget reports of other settings.
-
-    The folder gets a manifest at once (status ``running``), so an interrupted run is known as
-    dino-vos's own when it is resumed; reports left by a run with other settings are removed
-    (they are listed in its manifest) instead of lying beside the new masks. Under torchrun,
-    rank 0 checks and the other ranks wait for its manifest before they write anything.
-    """
-    out = job.report_dir
+    """Claim the report folder for ``job`` (:meth:`ResultFolder.claim`: the output rules, a
+    ``running`` manifest, reports of other settings removed). Under torchrun, rank 0 claims and
+    the other ranks wait for its manifest before they write anything."""
+    folder = job.result_folder()
     if launch_env()[0] != 0:
-        _wait_for_rank0(out, job.run_key())
+        folder.wait_for_claim()
         return
-    inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]  # every resolution
-    if job.scoring_only:  # the results folder holds the masks: only the reports are ours
-        check_not_an_input(out, inputs, "--out")
-        check_writable(out, "--out")
-        ours = listed_outputs(read_manifest(out)) if is_davis_result(out) else set()
-        reports = [path.name for path in output_paths(out, job.report_label).values()]
-        clashes = [name for name in reports if (out / name).exists() and name not in ours]
-        if clashes:
-            raise InputError(
-                f"{out / clashes[0]} was not written by dino-vos and is not replaced: pass "
-                "--out DIR for the reports"
-            )
-    else:
-        check_out_dir(out, inputs, job.overwrite, is_previous_result=is_davis_result)
-    if job.cache_dir is not None:
-        check_not_an_input(job.cache_dir, inputs, "--cache")
-        check_writable(job.cache_dir, "--cache")
-    previous = read_manifest(out) if is_davis_result(out) else {}
-    if previous and previous.get("run") != job.run_key():
-        for name in listed_outputs(previous):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": RUN_FORMAT, "status": "running", "run": job.run_key(), "outputs": []}
-    if previous.get("run") == job.run_key():
-        manifest["outputs"] = previous.get("outputs", [])
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-
-
-def _wait_for_rank0(out: Path, run_key: dict[str, Any], timeout: float = 600.0) -> None:
-    """Block until rank 0 has accepted ``out`` for this run (it writes the manifest)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        manifest = read_manifest(out)
-        if manifest.get("format") == RUN_FORMAT and manifest.get("run") == run_key:
-            return
-        time.sleep(0.2)
-    raise InputError(f"rank 0 did not accept --out {out} within {timeout:.0f} s")
-
-
-def check_job(job: DavisJob, given: Sequence[str] = ()) -> None:
-    """Refuse contradictory modes; ``given`` names model options the user passed explicitly."""
-    if job.scoring_only:
-        if given:
-            raise InputError(
-                f"--results only scores existing masks: drop {', '.join(given)} (or drop "
-                "--results to propagate)"
-            )
-        if not job.results_dir.is_dir():  # type: ignore[union-attr]
-            raise InputError(f"results folder not found: {job.results_dir}")
-    elif job.out_dir is None:
-        raise InputError("give --out DIR to propagate and score, or --results DIR to only score")
-    elif job.spec is None:
-        raise InputError("propagation needs a backbone spec")
+    folder.claim(
+        dataset.inputs,
+        job.overwrite,
+        job.cache_dir,
+        shared=job.scoring_only,  # the results folder holds the masks: only reports are ours
+        fix="pass --out DIR for the reports" if job.scoring_only else "choose another --out",
+    )
 
 
 def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisRun | None:
@@ -179,31 +170,13 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
     ``features``: a backbone already built from ``job.spec`` (a sweep builds it once for all its
     settings); None builds it here.
     """
-    check_job(job)
+    job.check()
     rank, world = launch_env()
     if rank > 0:
         console.quiet = True
-    dataset = DavisDataset(
-        job.davis_root,
-        job.split,
-        job.resolution,
-        job.year,
-        list(job.sequences) if job.sequences else None,
-        require_frames=not job.scoring_only,
-        max_frames=job.max_frames,
-    )
+    dataset = job.dataset()
     prepare_report_dir(job, dataset)
     out_dir = job.report_dir
-    settings = RunSettings(
-        results_dir=job.results_dir or job.out_dir,  # type: ignore[arg-type]
-        propagate=not job.scoring_only,
-        config=job.config,
-        cache_dir=job.cache_dir,
-        ignore_void=job.ignore_void,
-        overwrite=job.overwrite,
-        keyframes=job.keyframes,
-        direction=job.direction,
-    )
     frames = sum(len(s.annotations) for s in dataset)
     if job.sequences:
         source = "--sequences"
@@ -227,22 +200,14 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
             "Scoring" if job.scoring_only else "Propagating", total=shard_frames
         )
         run = evaluate_davis(
-            dataset.sequences,
-            settings,
-            features,
-            job.spec,
-            job.workers,
-            advance=lambda n: progress.advance(task, n),
+            dataset.sequences, job, features, advance=lambda n: progress.advance(task, n)
         )
     if run is None:
         return None
     payload = _payload(run, dataset, job, features, world)
     _write_outputs(out_dir, job.report_label, run, payload)
-    reports = [path.name for path in output_paths(out_dir, job.report_label).values()]
-    atomic_write_json(
-        out_dir / MANIFEST_NAME,
-        {"format": RUN_FORMAT, "status": "complete", "run": job.run_key(), "outputs": reports},
-    )
+    folder = job.result_folder()
+    folder.complete(folder.reports)
     return run
 
 

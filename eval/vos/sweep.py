@@ -23,14 +23,8 @@ from typing import TYPE_CHECKING, Any
 from dino_vos.atomic import atomic_write_bytes, atomic_write_json
 from dino_vos.console import console
 from dino_vos.errors import DinoVosError, InputError
-from dino_vos.outputs import (
-    MANIFEST_NAME,
-    check_not_an_input,
-    check_out_dir,
-    check_writable,
-    listed_outputs,
-    read_manifest,
-)
+from dino_vos.outputs import listed_outputs, read_manifest
+from dino_vos.result_folder import ResultFolder
 from dino_vos.spec import PropagationConfig
 
 if TYPE_CHECKING:
@@ -157,6 +151,10 @@ class SweepJob:
             cache_dir=self.cache_dir,
         )
 
+    def result_folder(self) -> ResultFolder:
+        reports = tuple(SWEEP_OUTPUTS.values())
+        return ResultFolder(self.out_dir, SWEEP_FORMAT, self.sweep_key(), reports, "sweep")
+
     def sweep_key(self) -> dict[str, Any]:
         key = self.base.run_key()
         key["propagation"] = self.base.config.to_dict()
@@ -189,29 +187,10 @@ class SweepRow:
         }
 
 
-def is_sweep_result(folder: Path) -> bool:
-    """A folder that an earlier sweep wrote (its manifest says so)."""
-    return read_manifest(folder).get("format") == SWEEP_FORMAT
-
-
 def _reports(job: DavisJob) -> Path:
     from dino_vos.eval.vos.davis_report import output_paths
 
     return output_paths(job.report_dir, job.report_label)["json"]
-
-
-def is_complete(job: DavisJob) -> bool:
-    """The setting's folder holds complete reports of exactly this run."""
-    from dino_vos.eval.vos.davis_main import RUN_FORMAT
-    from dino_vos.eval.vos.davis_report import output_paths
-
-    manifest = read_manifest(job.report_dir)
-    return (
-        manifest.get("format") == RUN_FORMAT
-        and manifest.get("status") == "complete"
-        and manifest.get("run") == job.run_key()
-        and all(p.is_file() for p in output_paths(job.report_dir, job.report_label).values())
-    )
 
 
 def _row(point: dict[str, Value], job: DavisJob, status: str) -> SweepRow:
@@ -244,12 +223,8 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
     if any, stops every rank at once instead of leaving them waiting).
     """
     from dino_vos.distributed import launch_env
-    from dino_vos.eval.vos.davis_main import check_job
 
-    base = job.base
-    if base.scoring_only:
-        raise InputError("--sweep propagates: drop --results")
-    check_job(base)
+    job.base.check(sweep=True)
     points = job.grid.points()
     jobs = [job.setting_job(point) for point in points]  # validates every setting up front
     rank, world = launch_env()
@@ -282,42 +257,11 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
 
 
 def _prepare(job: SweepJob, jobs: Sequence[DavisJob]) -> list[bool]:
-    """Check the inputs and the sweep folder, mark it as ours; which settings are complete."""
-    from dino_vos.eval.vos.davis_data import DavisDataset
-
+    """Check the inputs and claim the sweep folder; which settings are complete."""
     base = job.base
-    dataset = DavisDataset(  # input errors before anything is written
-        base.davis_root,
-        base.split,
-        base.resolution,
-        base.year,
-        list(base.sequences) if base.sequences else None,
-        max_frames=base.max_frames,
-    )
-    inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]
-    check_out_dir(job.out_dir, inputs, base.overwrite, is_previous_result=is_sweep_result)
-    if base.cache_dir is not None:
-        check_not_an_input(base.cache_dir, inputs, "--cache")
-        check_writable(base.cache_dir, "--cache")
-    previous = read_manifest(job.out_dir) if is_sweep_result(job.out_dir) else {}
-    ours = listed_outputs(previous)
-    for name in SWEEP_OUTPUTS.values():  # --overwrite still never replaces the user's files
-        if (job.out_dir / name).exists() and name not in ours:
-            raise InputError(
-                f"{job.out_dir / name} was not written by dino-vos and is not replaced: choose "
-                "another --out"
-            )
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(  # keeps the list of our files: reports of the last sweep stay ours
-        job.out_dir / MANIFEST_NAME,
-        {
-            "format": SWEEP_FORMAT,
-            "status": "running",
-            "sweep": job.sweep_key(),
-            "outputs": sorted(ours),
-        },
-    )
-    return [is_complete(setting) for setting in jobs]
+    dataset = base.dataset()  # input errors before anything is written
+    job.result_folder().claim(dataset.inputs, base.overwrite, base.cache_dir)
+    return [setting.result_folder().is_complete() for setting in jobs]
 
 
 def _run_settings(
@@ -345,16 +289,7 @@ def _run_settings(
             rows.append(_row(point, setting, "propagated"))
     if rank != 0:
         return None
-    written = write_sweep_reports(job, rows)
-    atomic_write_json(
-        job.out_dir / MANIFEST_NAME,
-        {
-            "format": SWEEP_FORMAT,
-            "status": "complete",
-            "sweep": job.sweep_key(),
-            "outputs": written,
-        },
-    )
+    job.result_folder().complete(write_sweep_reports(job, rows))
     return rows
 
 

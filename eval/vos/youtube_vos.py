@@ -17,28 +17,22 @@ from __future__ import annotations
 import json
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dino_vos import __version__
-from dino_vos.api import propagate_to_folder
-from dino_vos.atomic import atomic_path, atomic_write_json
+from dino_vos.atomic import atomic_path
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.console import console, progress_bar
 from dino_vos.errors import InputError
-from dino_vos.eval.vos.cache import FeatureCache, feature_settings
+from dino_vos.eval.vos.cache import FeatureCache
+from dino_vos.eval.vos.dataset import frame_count
 from dino_vos.features import BackboneFeatures
-from dino_vos.outputs import (
-    MANIFEST_NAME,
-    check_not_an_input,
-    check_out_dir,
-    check_writable,
-    is_reusable_result,
-    read_manifest,
-)
-from dino_vos.sources import FolderSource, natural_key
+from dino_vos.result_folder import ResultFolder
+from dino_vos.runner import RunnerSettings, SequenceRunner, VideoTask
+from dino_vos.sources import natural_key
 from dino_vos.spec import BackboneSpec, Direction, PropagationConfig
 
 RUN_FORMAT = "dino-vos-youtube-vos"
@@ -60,6 +54,13 @@ class YouTubeVOSVideo:
         index = {name: i for i, name in enumerate(self.frame_names)}
         return {index[path.stem]: path for path in self.annotations}
 
+    def task(self, keyframes: Sequence[int] | None = None) -> VideoTask:
+        """Propagation from the sparse annotations (or the annotations of ``keyframes``)."""
+        given = self.keyframes()
+        if keyframes is not None:
+            given = {index: given[index] for index in keyframes}
+        return VideoTask(self.name, self.frames_dir, self.frame_names, given)
+
 
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
@@ -72,6 +73,25 @@ def _read_meta(path: Path) -> dict[str, Any]:
             f"{path} is not a YouTube-VOS meta.json ({exc.__class__.__name__}: {exc}): expected "
             '{"videos": {"<video>": {"objects": {...}}}}'
         ) from None
+
+
+class YouTubeVOSDataset:
+    """The videos of ``ROOT/<split>`` (or of ``ROOT`` itself when it is the split folder)."""
+
+    def __init__(
+        self, root: str | Path, split: str = "valid", videos: Sequence[str] | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.sequences = read_youtube_vos(self.root, split, videos)
+
+    @property
+    def names(self) -> list[str]:
+        return [video.name for video in self.sequences]
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [self.root]
 
 
 def read_youtube_vos(
@@ -140,56 +160,18 @@ class YouTubeVOSJob:
             "direction": self.direction,
         }
 
+    def result_folder(self) -> ResultFolder:
+        return ResultFolder(self.out_dir, RUN_FORMAT, self.run_key(), (SUBMISSION_NAME,))
 
-def is_youtube_vos_result(folder: Path) -> bool:
-    return read_manifest(folder).get("format") == RUN_FORMAT
-
-
-class VideoWriter:
-    """Propagates one video into ``OUT/Annotations/<video>/`` unless it is already there."""
-
-    def __init__(self, job: YouTubeVOSJob, features: BackboneFeatures) -> None:
-        self.job = job
-        self.features = features
-        self.fingerprint = weights_fingerprint(features.backbone)
-        self.cache = (
-            FeatureCache(features, job.cache_dir, self.fingerprint) if job.cache_dir else None
+    def runner(self, features: BackboneFeatures) -> SequenceRunner:
+        """Each video forward from its sparse annotations, every frame written (the server
+        expects a mask for each), features from the cache when one is given."""
+        fingerprint = weights_fingerprint(features.backbone)
+        cache = FeatureCache(features, self.cache_dir, fingerprint) if self.cache_dir else None
+        settings = RunnerSettings(self.config, self.direction, self.overwrite, every_frame=True)
+        return SequenceRunner(
+            features, settings, fingerprint, cache.for_sequence if cache else None
         )
-
-    def folder(self, video: YouTubeVOSVideo) -> Path:
-        return self.job.out_dir / "Annotations" / video.name
-
-    def expected_manifest(self, video: YouTubeVOSVideo) -> dict[str, Any]:
-        return {
-            "frames": len(video.frame_names),
-            "keyframes": [p.stem for p in video.annotations],
-            "direction": self.job.direction,
-            "propagation": self.job.config.to_dict(),
-            **feature_settings(self.features, self.fingerprint),
-        }
-
-    def is_up_to_date(self, video: YouTubeVOSVideo) -> bool:
-        expected = self.expected_manifest(video)
-        return is_reusable_result(self.folder(video), expected, video.frame_names)
-
-    def write(self, video: YouTubeVOSVideo, on_frame: Callable[[], None]) -> str:
-        """Propagate ``video`` (or reuse it); returns "propagated" or "skipped"."""
-        if self.is_up_to_date(video):
-            return "skipped"
-        extractor = self.cache.for_sequence(video.name) if self.cache else self.features
-        propagate_to_folder(
-            FolderSource(video.frames_dir),
-            video.keyframes(),
-            self.folder(video),
-            extractor,
-            self.job.config,
-            on_frame=lambda _: on_frame(),
-            metadata={**self.expected_manifest(video), "video": video.name},
-            overwrite=self.job.overwrite,
-            direction=self.job.direction,
-            every_frame=True,
-        )
-        return "propagated"
 
 
 def write_submission(out_dir: Path, videos: Sequence[YouTubeVOSVideo]) -> Path:
@@ -205,28 +187,27 @@ def write_submission(out_dir: Path, videos: Sequence[YouTubeVOSVideo]) -> Path:
 
 def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any]:
     """Propagate every video of the split and write the submission zip; returns the summary."""
-    videos = read_youtube_vos(job.root, job.split, job.videos)
+    dataset = YouTubeVOSDataset(job.root, job.split, job.videos)
+    videos = dataset.sequences
     out = job.out_dir
-    check_out_dir(out, [job.root], job.overwrite, is_previous_result=is_youtube_vos_result)
-    if job.cache_dir is not None:
-        check_not_an_input(job.cache_dir, [job.root], "--cache")
-        check_writable(job.cache_dir, "--cache")
-    previous = read_manifest(out) if is_youtube_vos_result(out) else {}
-    if previous and previous.get("run") != job.run_key():
-        (out / SUBMISSION_NAME).unlink(missing_ok=True)  # of other settings: never stale
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": RUN_FORMAT, "status": "running", "run": job.run_key(), "outputs": []}
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    frames = sum(len(v.frame_names) for v in videos)
+    folder = job.result_folder()
+    folder.claim(dataset.inputs, job.overwrite, job.cache_dir)  # a stale zip is removed
+    frames = frame_count(dataset)
     console.print(f"YouTube-VOS {job.split}: {len(videos)} videos, {frames} frames")
-    writer = VideoWriter(job, job.spec.build(announce=True))
+    runner = job.runner(job.spec.build(announce=True))
     statuses: dict[str, str] = {}
     start = time.perf_counter()
     with progress_bar("frames") as progress:
         task = progress.add_task("Propagating", total=frames)
         for video in videos:
             done = progress.tasks[task].completed
-            statuses[video.name] = writer.write(video, lambda: progress.advance(task))
+            outcome = runner.run(
+                video.task(),
+                out / "Annotations" / video.name,
+                lambda: progress.advance(task),
+                {"video": video.name},
+            )
+            statuses[video.name] = outcome.status
             progress.update(task, completed=done + len(video.frame_names))
     submission = write_submission(out, videos)
     summary = {
@@ -238,10 +219,7 @@ def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 3),
         "submission": str(submission),
     }
-    atomic_write_json(
-        out / MANIFEST_NAME,
-        {**manifest, "status": "complete", "outputs": [SUBMISSION_NAME], "summary": summary},
-    )
+    folder.complete([SUBMISSION_NAME], summary=summary)
     console.print(
         f"{summary['propagated']} videos propagated, {summary['skipped']} reused; wrote "
         f"{submission} (upload it to the YouTube-VOS server: the ground truth of "
