@@ -92,6 +92,14 @@ if TYPE_CHECKING:
     "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (README: Parameter sweeps).",
 )
 @click.argument("sweep_more", nargs=-1, metavar="[NAME=V1,V2]...")
+@click.option(
+    "--select-on",
+    default=None,
+    metavar="SPLIT",
+    help="With --sweep: run the grid on SPLIT (e.g. train), choose the setting with the best "
+    "J&F-Mean there and run only it on --split; OUT/selection.json states the grid, the choice "
+    "and both scores. SPLIT must not be --split.",
+)
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)
 def davis(
@@ -111,6 +119,7 @@ def davis(
     direction: Direction,
     sweep: tuple[str, ...],
     sweep_more: tuple[str, ...],
+    select_on: str | None,
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
@@ -123,12 +132,18 @@ def davis(
 
     --sweep topk=5,10 context=7,20 runs every combination over one feature cache (--cache, else
     OUT/feature-cache) and writes a table, sweep.csv, sweep.json and a heat-map to OUT.
+
+    --sweep ... --select-on train selects on train and reports --split: the grid runs on train
+    (OUT/select-on-train/), the best setting there runs on --split (OUT/chosen-<split>/), and
+    OUT/selection.json states both scores.
     """
     if sweep_more and not sweep:
         raise click.UsageError(
             f"unexpected argument {sweep_more[0]!r}: NAME=V1,V2 arguments need --sweep"
         )
     grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
+    if select_on is not None and grid is None:
+        raise click.UsageError("--select-on chooses among the settings of a grid: add --sweep")
     from dino_vos.eval.vos.davis_main import DavisJob, run_davis
 
     try:
@@ -167,6 +182,11 @@ def davis(
     job.check(given, sweep=grid is not None)
     if grid is None:
         run_davis(job)
+        return
+    if select_on is not None:
+        from dino_vos.eval.vos.selection import SelectionJob, run_selection
+
+        run_selection(SelectionJob(job, grid, select_on))
         return
     from dino_vos.eval.vos.sweep import SweepJob, run_sweep
 
