@@ -73,32 +73,13 @@ class ResultFolder:
         shared: bool = False,
         fix: str = "choose another --out",
     ) -> None:
-        """Check the output rules, then mark the folder ``running`` for this job.
+        """Check the output rules for the folder, its report names and the feature cache, then
+        mark the folder ``running`` for this job.
 
         ``shared``: the folder holds results another tool wrote (scoring existing masks in
         place): it need not be empty, only our reports are ours. ``fix`` ends the message
         about a report name taken by a file we did not write.
         """
-        self.check(inputs, overwrite, cache_dir, shared, fix)
-        previous = self.manifest() if self.is_ours() else {}
-        kept: list[str] = []
-        if previous.get(self.key_name) == self.key:
-            kept = sorted(listed_outputs(previous))
-        else:  # another job's reports would lie beside the new results
-            for name in listed_outputs(previous):
-                (self.path / name).unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._write("running", kept)
-
-    def check(
-        self,
-        inputs: Sequence[str | Path],
-        overwrite: bool = False,
-        cache_dir: Path | None = None,
-        shared: bool = False,
-        fix: str = "choose another --out",
-    ) -> None:
-        """The output rules for the folder, its report names and the feature cache."""
         if shared:
             check_not_an_input(self.path, inputs, "--out")
             check_writable(self.path, "--out")
@@ -113,6 +94,15 @@ class ResultFolder:
         if cache_dir is not None:
             check_not_an_input(cache_dir, inputs, "--cache")
             check_writable(cache_dir, "--cache")
+        previous = self.manifest() if self.is_ours() else {}
+        kept: list[str] = []
+        if previous.get(self.key_name) == self.key:
+            kept = sorted(listed_outputs(previous))
+        else:  # another job's reports would lie beside the new results
+            for name in listed_outputs(previous):
+                (self.path / name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write("running", kept)
 
     def complete(self, outputs: Iterable[str], **extra: Any) -> None:
         """Mark the job finished; ``outputs`` are the reports it wrote."""

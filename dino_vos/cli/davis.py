@@ -183,14 +183,14 @@ def davis(
     if grid is None:
         run_davis(job)
         return
-    if select_on is not None:
-        from dino_vos.eval.vos.selection import SelectionJob, run_selection
-
-        run_selection(SelectionJob(job, grid, select_on))
-        return
     from dino_vos.eval.vos.sweep import SweepJob, run_sweep
 
-    run_sweep(SweepJob(job, grid))
+    if select_on is None:
+        run_sweep(SweepJob(job, grid))
+        return
+    from dino_vos.eval.vos.selection import SelectionJob, run_selection
+
+    run_selection(SelectionJob(SweepJob(job, grid), select_on))
 
 
 def _sweep_grid(tokens: list[str]) -> SweepGrid:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from dino_vos.console import console
 from dino_vos.errors import InputError
 from dino_vos.eval.vos.sweep import (
-    CACHE_DIR,
     METRICS,
     SweepGrid,
     SweepJob,
@@ -50,20 +49,28 @@ SELECTION_REPORT = "selection.json"
 
 @dataclass(frozen=True)
 class SelectionJob:
-    """``base`` is the ``eval davis`` job of the reported split (``out_dir`` = the selection
-    folder); the grid runs on ``select_on``."""
+    """``sweep``: the grid and the ``eval davis`` job of the reported split (its ``out_dir`` is
+    the selection folder, its cache the one both splits share); the grid runs on
+    ``select_on``."""
 
-    base: DavisJob
-    grid: SweepGrid
+    sweep: SweepJob
     select_on: str
 
     @property
+    def base(self) -> DavisJob:
+        return self.sweep.base
+
+    @property
+    def grid(self) -> SweepGrid:
+        return self.sweep.grid
+
+    @property
     def out_dir(self) -> Path:
-        return self.base.out_dir  # type: ignore[return-value]
+        return self.sweep.out_dir
 
     @property
     def cache_dir(self) -> Path:
-        return self.base.cache_dir or self.out_dir / CACHE_DIR
+        return self.sweep.cache_dir
 
     def check(self) -> None:
         """Refuse a selection that could see the reported split."""
@@ -91,7 +98,7 @@ class SelectionJob:
 
     def chosen_job(self, point: dict[str, Value]) -> DavisJob:
         """The chosen setting on the reported split, as an ordinary ``eval davis`` job."""
-        setting = SweepJob(self.base, self.grid).setting_job(point)
+        setting = self.sweep.setting_job(point)
         return dataclasses.replace(
             setting, out_dir=self.out_dir / f"chosen-{self.base.split}", cache_dir=self.cache_dir
         )
