@@ -79,6 +79,7 @@ class DinoVosGroup(LazyGroup):
     cls=DinoVosGroup,
     lazy_subcommands={
         "propagate": "dino_vos.cli.propagate:propagate",
+        "propagate-batch": "dino_vos.cli.batch:propagate_batch",
         "demo": "dino_vos.cli.propagate:demo",
         "attention": "dino_vos.cli.export:attention",
         "features": "dino_vos.cli.export:features",
