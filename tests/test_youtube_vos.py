@@ -127,3 +127,31 @@ def test_bad_layouts_fail_in_one_line(dataset, tiny_weights, tmp_path):
     (broken / "valid" / "meta.json").write_text("{not json")
     result = run(broken, tmp_path / "o2", tiny_weights)
     assert result.exit_code == 2 and "is not a YouTube-VOS meta.json" in result.output
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_share_the_videos(dataset, tiny_weights, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, _ = dataset
+    out, alone = tmp_path / "ranks", tmp_path / "alone"
+    assert run(root, alone, tiny_weights).exit_code == 0
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(32500 + os.getpid() % 1000), "-m", "dino_vos", "eval", "youtube-vos",
+        "--root", str(root), "--out", str(out), "--weights", str(tiny_weights),
+        "--short-side", "48", "--device", "cpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "dino-vos.json").read_text())["summary"]
+    assert summary["world_size"] == 2 and summary["propagated"] == len(VIDEOS)
+    for video, (frames, _, _) in VIDEOS.items():
+        for t in range(frames):
+            name = f"{5 * t:05d}.png"
+            ranked = read_mask(out / "Annotations" / video / name)
+            assert np.array_equal(ranked, read_mask(alone / "Annotations" / video / name))
+    with zipfile.ZipFile(out / "submission.zip") as archive:
+        assert len(archive.namelist()) == sum(frames for frames, _, _ in VIDEOS.values())

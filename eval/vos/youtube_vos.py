@@ -185,31 +185,37 @@ def write_submission(out_dir: Path, videos: Sequence[YouTubeVOSVideo]) -> Path:
     return target
 
 
-def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any]:
-    """Propagate every video of the split and write the submission zip; returns the summary."""
+def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any] | None:
+    """Propagate every video of the split and write the submission zip; returns the summary.
+
+    Under torchrun every rank propagates a share of the videos balanced by frame count; rank 0
+    gathers their statuses (the gather waits for every rank's masks), writes the zip and
+    returns the summary (None on the other ranks).
+    """
+    from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
+
     dataset = YouTubeVOSDataset(job.root, job.split, job.videos)
     videos = dataset.sequences
-    out = job.out_dir
     folder = job.result_folder()
-    folder.claim(dataset.inputs, job.overwrite, job.cache_dir)  # a stale zip is removed
-    frames = frame_count(dataset)
-    console.print(f"YouTube-VOS {job.split}: {len(videos)} videos, {frames} frames")
-    runner = job.runner(job.spec.build(announce=True))
-    statuses: dict[str, str] = {}
+    rank, world = launch_env()
+    if rank == 0:
+        folder.claim(dataset.inputs, job.overwrite, job.cache_dir)  # a stale zip is removed
+    else:
+        console.quiet = True
+        folder.wait_for_claim()
+    mine = [videos[i] for i in shard_balanced([len(v.frame_names) for v in videos], rank, world)]
+    console.print(
+        f"YouTube-VOS {job.split}: {len(videos)} videos, {frame_count(dataset)} frames"
+        + (f"; rank {rank} of {world}: {len(mine)} videos" if world > 1 else "")
+    )
     start = time.perf_counter()
-    with progress_bar("frames") as progress:
-        task = progress.add_task("Propagating", total=frames)
-        for video in videos:
-            done = progress.tasks[task].completed
-            outcome = runner.run(
-                video.task(),
-                out / "Annotations" / video.name,
-                lambda: progress.advance(task),
-                {"video": video.name},
-            )
-            statuses[video.name] = outcome.status
-            progress.update(task, completed=done + len(video.frame_names))
-    submission = write_submission(out, videos)
+    local = _propagate_videos(job, mine)
+    shards = gather_to_main(local)
+    if shards is None:
+        return None
+    statuses = {name: status for shard in shards for name, status in shard.items()}
+    statuses = {video.name: statuses[video.name] for video in videos}  # dataset order
+    submission = write_submission(job.out_dir, videos)
     summary = {
         "dino_vos": __version__,
         "split": job.split,
@@ -217,6 +223,7 @@ def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any]:
         "propagated": sum(s == "propagated" for s in statuses.values()),
         "skipped": sum(s == "skipped" for s in statuses.values()),
         "seconds": round(time.perf_counter() - start, 3),
+        "world_size": world,
         "submission": str(submission),
     }
     folder.complete([SUBMISSION_NAME], summary=summary)
@@ -226,3 +233,22 @@ def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any]:
         f"{job.split} is not public)"
     )
     return summary
+
+
+def _propagate_videos(job: YouTubeVOSJob, videos: Sequence[YouTubeVOSVideo]) -> dict[str, str]:
+    """Propagate (or reuse) ``videos`` here; their statuses by name."""
+    runner = job.runner(job.spec.build(announce=True))
+    statuses: dict[str, str] = {}
+    with progress_bar("frames") as progress:
+        task = progress.add_task("Propagating", total=sum(len(v.frame_names) for v in videos))
+        for video in videos:
+            done = progress.tasks[task].completed
+            outcome = runner.run(
+                video.task(),
+                job.out_dir / "Annotations" / video.name,
+                lambda: progress.advance(task),
+                {"video": video.name},
+            )
+            statuses[video.name] = outcome.status
+            progress.update(task, completed=done + len(video.frame_names))
+    return statuses
