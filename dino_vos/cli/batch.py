@@ -10,6 +10,7 @@ import click
 from dino_vos.cli.options import (
     direction_option,
     overwrite_option,
+    process_workers_option,
     propagation_options,
     with_backbone_spec,
 )
@@ -27,13 +28,7 @@ from dino_vos.spec import BackboneSpec, Direction, PropagationConfig
 )
 @propagation_options
 @direction_option()
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Videos run in parallel processes (each builds the backbone).",
-)
+@process_workers_option("Videos")
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)
 def propagate_batch(

@@ -12,6 +12,7 @@ from dino_vos.cli.options import (
     convert_propagation_value,
     direction_option,
     overwrite_option,
+    process_workers_option,
     propagation_options,
     with_backbone_spec,
 )
@@ -52,13 +53,7 @@ if TYPE_CHECKING:
 )
 @propagation_options
 @cache_option
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Sequences run in parallel processes.",
-)
+@process_workers_option("Sequences")
 @click.option(
     "--max-frames",
     type=click.IntRange(min=3),

@@ -383,3 +383,15 @@ def direction_option(choices: Sequence[str] = DIRECTIONS, help: str = "") -> Cal
         or "forward from the first keyframe; backward from the last one towards frame 0; both: "
         "every frame, fusing the two directions between keyframes (docs/protocol.md#keyframes).",
     )
+
+
+def process_workers_option(what: str) -> Callable:
+    """--workers: how many ``what`` run at once in parallel processes (each with its own
+    backbone), as ``eval davis`` and ``propagate-batch`` share them out."""
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help=f"{what} run in parallel processes.",
+    )
