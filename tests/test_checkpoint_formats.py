@@ -198,13 +198,13 @@ def _dinov2_forward(
 def test_dinov2_released_backbone(tmp_path, registers, swiglu):
     """dinov2_vits14[_reg4]_pretrain.pth: a bare state dict over the 518 px (37 x 37) grid, used
     on 56 px frames. DINOv2 resizes the position embeddings of its models without registers by
-    the DINO formula (dino-vos's default), and those of its register models by size with
-    antialias, which is timm's resize (``--pos-embed timm``)."""
+    the DINO formula, and those of its register models by size with antialias (timm's resize):
+    the default (``auto``) follows the model, and forcing the other rule differs."""
     state = _dinov2_state(registers, swiglu, img_size=518)
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(state, path)
-    mode = "timm" if registers else "reference"
-    loaded = load_backbone(None, weights=path, pos_embed=mode)
+    loaded = load_backbone(None, weights=path)
+    assert loaded.pos_embed_mode == ("timm" if registers else "reference")
     assert (loaded.patch_size, loaded.num_heads, loaded.depth) == (14, 6, 2)
     assert loaded.num_prefix_tokens == 1 + registers
     assert "DINOv2 state dict, dropped mask_token" in loaded.describe()
@@ -213,6 +213,8 @@ def test_dinov2_released_backbone(tmp_path, registers, swiglu):
     with torch.no_grad():
         expected = _dinov2_forward(state, images, **interpolation)
         torch.testing.assert_close(loaded(images), expected, atol=2e-4, rtol=1e-4)
+        other = load_backbone(None, weights=path, pos_embed="reference" if registers else "timm")
+        assert (other(images) - expected).abs().max() > 1e-2
     if registers:  # the named model without registers: one line naming the key
         _refused(path, "unexpected register_tokens (4", name="vit_small_patch14_dinov2")
     else:  # a key missing from the file is named
@@ -559,16 +561,6 @@ def test_attention_of_a_register_model_covers_patches_only():
     full = captured["attn"][:, :, 0]  # CLS row over CLS, 4 registers, 24 patches
     assert full.shape[-1] == 1 + 4 + 24
     torch.testing.assert_close(maps.flatten(2), full[:, :, 5:], rtol=1e-5, atol=1e-6)
-
-
-def test_dinov3_is_refused_with_one_line(tmp_path):
-    with raises(BackboneError, match=r"DINOv3 model.*RoPE.*not supported") as error:
-        load_backbone("vit_small_patch16_dinov3.lvd1689m", pretrained=False)
-    assert "\n" not in str(error.value)
-    state = _dinov2_state(0, False, img_size=56) | {"storage_tokens": torch.zeros(1, 4, 384)}
-    path = tmp_path / "dinov3_vits16_pretrain.pth"
-    torch.save(state, path)
-    _refused(path, "DINOv3 checkpoint", "not support")
 
 
 # ------------------------------------------------------------------------- --allow-partial (CLI)
