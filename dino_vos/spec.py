@@ -262,7 +262,9 @@ class BackboneSpec:
         from dino_vos.backbones import load_backbone
         from dino_vos.console import console
         from dino_vos.distributed import rank_device
-        from dino_vos.errors import PartialWeightsWarning
+        from dino_vos.errors import ArchitectureGuessWarning, PartialWeightsWarning
+
+        shown = (PartialWeightsWarning, ArchitectureGuessWarning)
 
         torch.manual_seed(self.seed)  # random-init weights: the same in every process
         with (
@@ -270,7 +272,8 @@ class BackboneSpec:
             warnings.catch_warnings(record=True) if announce else nullcontext() as caught,
         ):
             if announce:
-                warnings.simplefilter("always", PartialWeightsWarning)
+                for category in shown:
+                    warnings.simplefilter("always", category)
             backbone = load_backbone(
                 self.name,
                 weights=self.weights,
@@ -283,7 +286,7 @@ class BackboneSpec:
         if announce:
             console.print(f"Backbone: {backbone.describe()}")
             for warning in caught or []:
-                if issubclass(warning.category, PartialWeightsWarning):
+                if issubclass(warning.category, shown):
                     console.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}")
                 else:
                     warnings.warn_explicit(
