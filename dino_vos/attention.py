@@ -2,9 +2,10 @@
 
 The maps and thresholds follow docs/protocol.md#attention-maps.
 
-The attention row is computed explicitly from the last block's ``qkv`` projection on its ``norm1``
-input, so timm's fused ``scaled_dot_product_attention`` stays on for the rest of the network, and
-prefix tokens (CLS and registers) are dropped from the map.
+The attention row is computed explicitly by the backbone's family from the last block's query
+and key projections on its ``norm1`` input (with the rotary embedding applied to the keys for
+DINOv3), so timm's fused ``scaled_dot_product_attention`` stays on for the rest of the network,
+and prefix tokens (CLS, registers, storage tokens) are dropped from the map.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save as save_safetensors
-from torch import nn
 
 from dino_vos.backbones import Backbone
 from dino_vos.defaults import ATTENTION_THRESHOLD, COLORMAPS
-from dino_vos.errors import BackboneError, InputError
+from dino_vos.errors import InputError
 from dino_vos.export import extraction_metadata, iter_batches
 from dino_vos.features import BackboneFeatures
 from dino_vos.sources import Frame, FrameSource
@@ -36,56 +35,22 @@ from dino_vos.writers import OutputSink
 Interpolation = Literal["nearest", "bilinear"]
 
 
-def _last_block(backbone: Backbone) -> nn.Module:
-    """The last transformer block, checked to be a standard timm pre-norm block with ``qkv``."""
-    if backbone.vit.cls_token is None:
-        raise BackboneError(
-            f"backbone {backbone.name} has no CLS token, so it has no CLS attention: pick a ViT "
-            "with a class token (for example dino_vits8)"
-        )
-    block = backbone.vit.blocks[-1]
-    attn = getattr(block, "attn", None)
-    if not hasattr(block, "norm1") or not isinstance(getattr(attn, "qkv", None), nn.Linear):
-        raise BackboneError(
-            f"the last block of {backbone.name} ({type(block).__name__}) has no norm1/attn.qkv: "
-            "attention maps need a standard timm ViT block"
-        )
-    return block
-
-
 def last_block_input(
     backbone: Backbone, images: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Tokens (B, T, D) entering the last block, and the patch grid (h, w)."""
-    if backbone.depth > 1:
-        (tokens,), grid = backbone.forward_tokens(images, layers=[backbone.depth - 2], norm=False)
-        return tokens, grid
-    tokens, grid = backbone.prepare_tokens(images)
-    return backbone.vit.norm_pre(backbone.vit.patch_drop(tokens)), grid
+    return backbone.last_block_input(images)
 
 
-def cls_attention_row(backbone: Backbone, tokens: torch.Tensor) -> torch.Tensor:
+def cls_attention_row(
+    backbone: Backbone, tokens: torch.Tensor, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Softmax(q_cls k^T * scale) of the last block over all tokens -> (B, heads, T).
 
-    ``tokens`` is the last block's input; only the CLS query is computed (row 0 of the full
-    attention matrix), with the block's own ``q_norm``/``k_norm`` and ``scale``.
+    ``tokens`` is the last block's input (and ``grid`` its patch grid, which a RoPE model
+    needs); only the CLS query is computed, by the backbone's family.
     """
-    block = _last_block(backbone)
-    attn = block.attn
-    heads = int(attn.num_heads)
-    attn_dim = attn.qkv.out_features // 3
-    head_dim = int(getattr(attn, "head_dim", attn_dim // heads))
-    scale = float(getattr(attn, "scale", head_dim**-0.5))
-    x = block.norm1(tokens)
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    q_bias = bias[:attn_dim] if bias is not None else None
-    k_bias = bias[attn_dim : 2 * attn_dim] if bias is not None else None
-    batch, length, _ = x.shape
-    q = F.linear(x[:, :1], weight[:attn_dim], q_bias).reshape(batch, 1, heads, head_dim)
-    k = F.linear(x, weight[attn_dim : 2 * attn_dim], k_bias).reshape(batch, length, heads, -1)
-    q, k = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k.transpose(1, 2))
-    logits = (q * scale) @ k.transpose(-2, -1)  # (B, heads, 1, T)
-    return logits.float().softmax(dim=-1)[:, :, 0]
+    return backbone.cls_attention_row(tokens, grid)
 
 
 @torch.inference_mode()
@@ -95,8 +60,8 @@ def cls_attention(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     Rows sum to 1 over all tokens; the CLS and register columns are dropped here, so a map sums
     to slightly less than 1.
     """
-    tokens, (h, w) = last_block_input(backbone, images)
-    row = cls_attention_row(backbone, tokens)
+    tokens, (h, w) = backbone.last_block_input(images)
+    row = backbone.cls_attention_row(tokens, (h, w))
     patches = row[:, :, backbone.num_prefix_tokens :]
     return patches.reshape(row.shape[0], row.shape[1], h, w)
 
@@ -300,7 +265,7 @@ def export_attention(
         raise InputError(f"threshold {threshold} is not a mass fraction: use a value in (0, 1]")
     colormap_lut(colormap)
     backbone = features.backbone
-    _last_block(backbone)
+    backbone.require_cls_attention()
     names: list[str] = []
     with OutputSink(out_dir, overlay, source.fps, overwrite, [source.path]) as run:
         writer = AttentionWriter(run, threshold, save_raw, save_montage, colormap, interpolation)

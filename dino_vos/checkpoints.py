@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dino_vos.arch import is_dinov3_layout
 from dino_vos.atomic import atomic_path
 from dino_vos.errors import BackboneError
 
@@ -28,7 +29,36 @@ ARCH_METADATA_KEY = "dino_vos_arch"
 #: (``main_dino.py``), iBOT (``main_ibot.py``) and MAE (``main_pretrain.py``) store the run's
 #: ``args`` as an ``argparse.Namespace`` of plain values; MoCo v3, DINOv2 and timm files need
 #: nothing beyond tensors and builtins. Anything else stays refused.
-SAFE_GLOBALS = [argparse.Namespace]
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+def _numpy_globals() -> list[Any]:
+    """The numpy globals that rebuild plain numpy scalars and dtypes, nothing that calls other
+    code: ``multiarray.scalar`` (both numpy 1.x and 2.x spellings), ``numpy.dtype`` and the
+    numeric dtype classes. ``main_dino.py`` and ``main_ibot.py`` set each param group's ``lr``
+    and ``weight_decay`` from numpy schedules, so every real ``checkpoint.pth`` holds
+    ``numpy.float64`` values in its optimizer state."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed: list[Any] = [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+    ]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25 pickles dtypes of scalars with their class
+        numeric = "Bool Int8 UInt8 Int16 UInt16 Int32 UInt32 Int64 UInt64 Long ULong LongLong "
+        numeric += "ULongLong Float16 Float32 Float64 LongDouble Complex64 Complex128 CLongDouble"
+        allowed += [
+            getattr(dtypes, f"{name}DType")
+            for name in numeric.split()
+            if hasattr(dtypes, f"{name}DType")
+        ]
+    return allowed
+
+
 #: Wrappers around a whole model, stripped wherever they lead a key: DDP and ``torch.compile``.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: The ViT inside a training wrapper (DINO/iBOT/DINOv2 ``backbone``, I-JEPA ``encoder``).
@@ -77,7 +107,7 @@ class BackboneWeights:
     @property
     def dinov2_layout(self) -> bool:
         """Keys as DINOv2 writes them (``mask_token``; registers not in ``pos_embed``)."""
-        return "mask_token" in self.state
+        return "mask_token" in self.state and "pos_embed" in self.state
 
     def dropped_groups(self) -> list[str]:
         """The modules dropped on purpose, e.g. ``['head', 'masked_embed']``."""
@@ -125,7 +155,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             "DINO .pth, a dino-vos checkpoint or a .safetensors file"
         )
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
+        with (
+            warnings.catch_warnings(),
+            torch.serialization.safe_globals(SAFE_GLOBALS + _numpy_globals()),
+        ):
             warnings.simplefilter("ignore")
             content = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
@@ -241,12 +274,6 @@ def clean_state_dict(
                 f"{source} holds '{name}' twice (as '{key}' too): save one network per file"
             )
         cleaned[name] = value
-    if "storage_tokens" in cleaned or any(n.startswith("rope_embed.") for n in cleaned):
-        raise BackboneError(
-            f"{source} is a DINOv3 checkpoint (rotary position embeddings, storage tokens), "
-            "which dino-vos does not support: use DINO, DINOv2 or another ViT with absolute "
-            "position embeddings"
-        )
     return cleaned, dropped
 
 
@@ -344,8 +371,9 @@ def extract_backbone_weights(
     if not moco and any(_strip(k, NETWORK_PREFIXES).startswith("decoder_") for k in stripped):
         fmt = "MAE checkpoint" if fmt.startswith("state dict") else fmt
     elif "mask_token" in state:
-        dropped.append("mask_token")  # removed by timm's DINOv2 conversion
-        fmt = "DINOv2 state dict" if fmt == "state dict" else fmt
+        dropped.append("mask_token")  # removed by timm's DINOv2 / DINOv3 conversion
+        family = "DINOv3" if is_dinov3_layout(state) else "DINOv2"
+        fmt = f"{family} state dict" if fmt == "state dict" else fmt
     weights = BackboneWeights(state, fmt, network, recorded, _recorded_arch_name(content), dropped)
     weights.num_heads = _recorded_heads(weights)
     return weights

@@ -17,3 +17,7 @@ class BackboneError(DinoVosError):
 
 class PartialWeightsWarning(UserWarning):
     """Weights loaded with ``allow_partial``: some keys were ignored or left random."""
+
+
+class ArchitectureGuessWarning(UserWarning):
+    """An inferred architecture took a value the weights do not store (the head count)."""

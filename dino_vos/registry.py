@@ -18,6 +18,8 @@ class RegisteredBackbone:
     ``timm_name``: the timm model whose pretrained weights are used (hub cache or download).
     ``checkpoint_file``: the official release's file name, suggested when offline.
     ``shipped``: the weights ship inside the package (``dino_vos/weights/<name>.safetensors``).
+    ``timm_kwargs``: overrides of the timm model's arguments (e.g. MoCo v3's head count).
+    ``hub``: timm's pretrained weights of ``timm_name`` are these weights (False: only a file).
     """
 
     name: str
@@ -25,6 +27,8 @@ class RegisteredBackbone:
     timm_name: str | None = None
     checkpoint_file: str | None = None
     shipped: bool = False
+    timm_kwargs: tuple[tuple[str, object], ...] = ()
+    hub: bool = True
 
     @property
     def shipped_file(self) -> Path | None:
@@ -107,4 +111,60 @@ def dino_vos_tiny() -> RegisteredBackbone:
         "dino_vos_tiny",
         "ViT-Ti/8 (6 blocks) pretrained by dino-vos on DAVIS-2016 train; ships in the package",
         shipped=True,
+    )
+
+
+def _official_dinov3(name: str, timm_name: str, file_hash: str, size: str) -> RegisteredBackbone:
+    """A DINOv3 release: timm's ``_qkvb`` model (the releases have a qkv bias, the k part
+    masked to zero) and the official file name of ``dinov3/hub/backbones.py``."""
+    return RegisteredBackbone(
+        name,
+        f"official DINOv3 {size} (Simeoni et al. 2025), LVD-1689M",
+        f"{timm_name}.lvd1689m",
+        f"{name}_pretrain_lvd1689m-{file_hash}.pth",
+    )
+
+
+@register_backbone
+def dinov3_vits16() -> RegisteredBackbone:
+    return _official_dinov3(
+        "dinov3_vits16", "vit_small_patch16_dinov3_qkvb", "08c60483", "ViT-S/16"
+    )
+
+
+@register_backbone
+def dinov3_vits16plus() -> RegisteredBackbone:
+    return _official_dinov3(
+        "dinov3_vits16plus", "vit_small_plus_patch16_dinov3_qkvb", "4057cbaa", "ViT-S+/16"
+    )
+
+
+@register_backbone
+def dinov3_vitb16() -> RegisteredBackbone:
+    return _official_dinov3("dinov3_vitb16", "vit_base_patch16_dinov3_qkvb", "73cec8be", "ViT-B/16")
+
+
+@register_backbone
+def dinov3_vitl16() -> RegisteredBackbone:
+    return _official_dinov3(
+        "dinov3_vitl16", "vit_large_patch16_dinov3_qkvb", "8aa4cbdd", "ViT-L/16"
+    )
+
+
+@register_backbone
+def dinov3_vith16plus() -> RegisteredBackbone:
+    return _official_dinov3(
+        "dinov3_vith16plus", "vit_huge_plus_patch16_dinov3_qkvb", "7c1da9a5", "ViT-H+/16"
+    )
+
+
+@register_backbone
+def mocov3_vits16() -> RegisteredBackbone:
+    """MoCo v3's ViT-S/16 (``vits.py``): 12 heads of 32 channels, unlike DINO's 6 of 64."""
+    return RegisteredBackbone(
+        "mocov3_vits16",
+        "MoCo v3 ViT-S/16 architecture (12 heads; weights from a file, --weights)",
+        "vit_small_patch16_224",
+        timm_kwargs=(("num_heads", 12),),
+        hub=False,
     )

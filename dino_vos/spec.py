@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 ResizeRule = Literal["reference", "patch"]
 RESIZE_RULES: tuple[str, ...] = ("reference", "patch")
-PosEmbedMode = Literal["reference", "timm"]
-POS_EMBED_MODES: tuple[str, ...] = ("reference", "timm")
+PosEmbedMode = Literal["auto", "reference", "timm"]
+#: ``auto``: each family's own rule (DINO formula, DINOv2's per model, DINOv3's RoPE);
+#: ``reference``/``timm`` force the DINO formula or timm's resize (docs/protocol.md#backbones).
+POS_EMBED_MODES: tuple[str, ...] = ("auto", "reference", "timm")
 #: Networks of a multi-network checkpoint: DINO/iBOT/DINOv2/dino-vos teacher and student, MoCo v3's
 #: base and momentum encoders.
 CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student", "base_encoder", "momentum_encoder")
@@ -213,7 +215,8 @@ class BackboneSpec:
       encoder.
     - ``random_init``: the architecture with random weights, drawn after seeding torch with
       ``seed`` (every process and rank builds the same model).
-    - ``pos_embed``: position-embedding resize, ``reference`` (DINO formula) or ``timm``.
+    - ``pos_embed``: position-embedding rule: ``auto`` (the family's own), or a forced
+      ``reference`` (DINO formula) or ``timm`` resize.
     - ``allow_partial``: load weights whose keys do not all match the architecture, warning with
       the keys ignored and left random (otherwise refused).
     - ``resize``: the frame resize of :meth:`build`; ``device``: auto, cpu, cuda[:N].
@@ -228,7 +231,7 @@ class BackboneSpec:
     checkpoint_key: str | None = None
     random_init: bool = False
     seed: int = 0
-    pos_embed: PosEmbedMode = "reference"
+    pos_embed: PosEmbedMode = "auto"
     resize: ResizeSpec = field(default_factory=ResizeSpec)
     device: str = "auto"
     batch_size: int | None = None
@@ -259,7 +262,9 @@ class BackboneSpec:
         from dino_vos.backbones import load_backbone
         from dino_vos.console import console
         from dino_vos.distributed import rank_device
-        from dino_vos.errors import PartialWeightsWarning
+        from dino_vos.errors import ArchitectureGuessWarning, PartialWeightsWarning
+
+        shown = (PartialWeightsWarning, ArchitectureGuessWarning)
 
         torch.manual_seed(self.seed)  # random-init weights: the same in every process
         with (
@@ -267,7 +272,8 @@ class BackboneSpec:
             warnings.catch_warnings(record=True) if announce else nullcontext() as caught,
         ):
             if announce:
-                warnings.simplefilter("always", PartialWeightsWarning)
+                for category in shown:
+                    warnings.simplefilter("always", category)
             backbone = load_backbone(
                 self.name,
                 weights=self.weights,
@@ -280,7 +286,7 @@ class BackboneSpec:
         if announce:
             console.print(f"Backbone: {backbone.describe()}")
             for warning in caught or []:
-                if issubclass(warning.category, PartialWeightsWarning):
+                if issubclass(warning.category, shown):
                     console.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}")
                 else:
                     warnings.warn_explicit(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY_ARCH, make_tiny_vit
 from pytest import fixture, raises
 
-from dino_vos import backbones
+from dino_vos import hub
 from dino_vos.backbones import Backbone, infer_arch, load_backbone
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.errors import BackboneError, PartialWeightsWarning
@@ -259,7 +259,7 @@ def test_errors_are_clear(tmp_path, monkeypatch):
 
 
 def test_offline_without_cached_weights_names_the_fix(monkeypatch):
-    monkeypatch.setattr(backbones, "_hub_cached_file", lambda name: None)
-    monkeypatch.setattr(backbones, "_online", lambda host="huggingface.co": False)
+    monkeypatch.setattr(hub, "hub_cached_file", lambda name: None)
+    monkeypatch.setattr(hub, "online", lambda host="huggingface.co": False)
     with raises(BackboneError, match=r"dino_deitsmall8_pretrain\.pth.*--weights PATH"):
         load_backbone("dino_vits8")

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from conftest import SHARED_DATA, requires_shared_data
 
-from dino_vos import backbones
+from dino_vos import backbones, hub
 from dino_vos.backbones import load_backbone
 from dino_vos.cli import main
 from dino_vos.demo import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE, run_demo, score_against
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped weight
 
 @pytest.fixture
 def offline(monkeypatch):
-    monkeypatch.setattr(backbones, "_online", lambda host="huggingface.co": False)
-    monkeypatch.setattr(backbones, "_hub_cached_file", lambda name: None)
+    monkeypatch.setattr(hub, "online", lambda host="huggingface.co": False)
+    monkeypatch.setattr(hub, "hub_cached_file", lambda name: None)
 
 
 def test_shipped_weights_load_offline_by_name_and_are_the_default(offline):

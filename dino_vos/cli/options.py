@@ -130,9 +130,10 @@ def backbone_options(func: Callable) -> Callable:
             click.option(
                 "--pos-embed",
                 type=click.Choice(POS_EMBED_MODES),
-                default="reference",
+                default="auto",
                 show_default=True,
-                help="Position-embedding resize: DINO reference formula or timm's dynamic resize.",
+                help="Position embeddings: auto (each family's own rule: DINO formula, DINOv2's "
+                "per model, DINOv3's RoPE), or force the DINO formula or timm's resize.",
             ),
             click.option(
                 "--device", default="auto", show_default=True, help="auto, cpu, cuda[:N]."
