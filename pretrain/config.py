@@ -111,7 +111,7 @@ class TrainConfig:
     num_workers: int = 8
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
     device: str = "auto"
-    precision: str = "auto"  # auto: fp16 + grad scaler on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: fp32 on CPU; CUDA: fp16 (patch >= 16), else bf16 or fp32
     save_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     saveckp_freq: int = 0  # also keep checkpoint_epochNNNN.pth every N epochs (0: never)
     log_every: int = 10

@@ -19,6 +19,11 @@ class LossStats:
     kl: torch.Tensor  # mean KL(teacher || student) over the loss pairs
 
 
+def _widen(values: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 (autocast) outputs -> float32; float32/float64 stay as they are."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between centred, sharpened teacher outputs and student outputs.
 
@@ -47,7 +52,7 @@ class DINOLoss(nn.Module):
         self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
     ) -> tuple[torch.Tensor, LossStats]:
         """``student_output``: (num_crops * B, K); ``teacher_output``: (num_global * B, K)."""
-        student_output, teacher_output = student_output.float(), teacher_output.float()
+        student_output, teacher_output = _widen(student_output), _widen(teacher_output)
         student_logp = F.log_softmax(student_output / self.student_temp, dim=-1)
         student_logp = student_logp.chunk(self.num_crops)
         teacher_p = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach()
@@ -72,6 +77,6 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """``c <- m c + (1 - m) * mean`` of the teacher outputs over all ranks."""
-        batch_center = all_reduce_sum(teacher_output.float().sum(dim=0, keepdim=True))
+        batch_center = all_reduce_sum(_widen(teacher_output).sum(dim=0, keepdim=True))
         batch_center = batch_center / (len(teacher_output) * world_size())
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from dino_vos.backbones import build_vit
+from dino_vos.backbones import Backbone, build_vit
 from dino_vos.pretrain.config import PretrainConfig
 
 
@@ -61,16 +62,34 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
+def cls_features(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The ViT's final-norm CLS token (B, D) with the patch position embeddings resized by the
+    DINO reference formula (scale factors ``(h + 0.1) / sqrt(N)``, bicubic, no antialias;
+    docs/protocol.md#backbones), as ``vision_transformer.py`` does for the 96 px local crops.
+
+    The formula lives in :class:`dino_vos.backbones.Backbone` (inference uses the same code);
+    this is the one place pretraining reaches into it.
+    """
+    (tokens,), _ = Backbone(vit, name="pretrain", pos_embed="reference").forward_tokens(images)
+    return tokens[:, 0]
+
+
 class MultiCropWrapper(nn.Module):
     """Runs the backbone once per group of same-size crops, then the head on all outputs.
 
-    Its state dict has ``backbone.*`` (timm ViT keys) and ``head.*`` entries.
+    A timm ViT backbone gives the CLS token of :func:`cls_features`. The state dict has
+    ``backbone.*`` (timm ViT keys) and ``head.*`` entries.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.backbone, VisionTransformer):
+            return cls_features(self.backbone, images)
+        return self.backbone(images)  # any other network: its own output
 
     def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         features = []
@@ -79,7 +98,7 @@ class MultiCropWrapper(nn.Module):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            features.append(self.backbone(torch.cat(list(crops[start:end]))))
+            features.append(self._features(torch.cat(list(crops[start:end]))))
             start = end
         return self.head(torch.cat(features))
 
@@ -98,9 +117,16 @@ def build_head(config: PretrainConfig, in_dim: int) -> DINOHead:
 
 
 def build_student_teacher(config: PretrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (drop-path) and teacher (no drop-path, no gradients) starting from equal weights."""
+    """Student (drop-path) and teacher (no drop-path, no gradients) starting from equal weights.
+
+    The CLS token starts as ``trunc_normal_(std=0.02)`` like the reference ViT (timm draws it
+    with std 1e-6). The teacher stays in training mode, as in the reference: a head with batch
+    norm normalises the teacher's batch with its own statistics.
+    """
     arch = config.arch()
     student_vit = build_vit(arch, drop_path_rate=config.student.drop_path_rate)
+    if student_vit.cls_token is not None:
+        trunc_normal_(student_vit.cls_token, std=0.02)
     student = MultiCropWrapper(student_vit, build_head(config, student_vit.embed_dim))
     teacher_vit = build_vit(arch, drop_path_rate=0.0)
     teacher = MultiCropWrapper(teacher_vit, build_head(config, teacher_vit.embed_dim))

@@ -108,15 +108,35 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_epochs: int
             param.grad = None
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+#: Below this patch size the reference advises ``--use_fp16 false`` (fp16 is unstable there).
+FP16_MIN_PATCH = 16
+
+
+def auto_precision(device: torch.device, patch_size: int) -> str:
+    """What ``precision: auto`` means (docs/protocol.md#pretraining): fp32 on CPU; on CUDA fp16
+    for patch >= 16, and below that bf16 where the GPU supports it, else fp32."""
+    if device.type != "cuda":
+        return "fp32"
+    if patch_size >= FP16_MIN_PATCH:
+        return "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_precision(
+    precision: str, device: torch.device, patch_size: int = FP16_MIN_PATCH
+) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, whether to use a grad scaler)."""
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = auto_precision(device, patch_size)
     if precision == "fp16" and device.type != "cuda":
         raise InputError("fp16 training needs a CUDA device: use --precision fp32 (or bf16)")
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision], (
         precision == "fp16"
     )
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class RunWriter:
@@ -278,7 +298,6 @@ class _Trainer:
         self.config, self.run_dir, self.info = config, run_dir, info
         self.device = info.device
         self.show_progress = progress and info.is_main
-        self.autocast_dtype, use_scaler = resolve_precision(config.train.precision, self.device)
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
         # Same seed on every rank for the initial weights; per-rank seeds afterwards.
@@ -292,8 +311,24 @@ class _Trainer:
                 "process(es): lower --batch-size or add data"
             )
         student, teacher = build_student_teacher(config)
+        patch = int(student.backbone.patch_embed.patch_size[0])
+        self.autocast_dtype, use_scaler = resolve_precision(
+            config.train.precision, self.device, patch
+        )
+        if use_scaler and patch < FP16_MIN_PATCH and info.is_main:
+            console.print(
+                f"note: fp16 with patch {patch}: the reference advises against fp16 below patch "
+                f"{FP16_MIN_PATCH} (unstable); --precision auto picks bf16 or fp32 there"
+            )
+        if info.world_size > 1 and self.device.type == "cuda" and has_batchnorms(student):
+            # As main_dino.py: batch norm over the global batch (SyncBatchNorm is CUDA-only, so
+            # CPU processes keep per-process statistics).
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         self.student_module = student.to(self.device)
-        self.teacher = teacher.to(self.device).eval()
+        # The teacher stays in training mode like the reference's (it has no dropout or
+        # drop-path; a batch-norm head uses batch statistics, docs/protocol.md#pretraining).
+        self.teacher = teacher.to(self.device)
         self.student: nn.Module = self.student_module
         if info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

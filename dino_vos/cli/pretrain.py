@@ -62,7 +62,12 @@ FLAG_KEYS = {
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Loader workers.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--device", default=None, help="auto, cpu, cuda[:N] [default: auto].")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="auto: fp32 on CPU; on CUDA fp16 for patch >= 16, bf16 (else fp32) below [default: auto].",
+)
 @click.option(
     "--save-every", type=click.IntRange(min=0), default=None, help="Checkpoint every N steps."
 )
