@@ -104,3 +104,26 @@ def test_refuses_selecting_on_reported_data(davis_root, tiny_weights, tmp_path, 
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_selection_under_torchrun(davis_root, tiny_weights, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    alone, ranks = tmp_path / "alone", tmp_path / "ranks"
+    extra = [*GRID, "--select-on", "train"]
+    assert invoke(*run_args(davis_root, tiny_weights, alone), *extra).exit_code == 0
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(33500 + os.getpid() % 1000), "-m", "dino_vos", "eval", "davis",
+        *map(str, run_args(davis_root, tiny_weights, ranks)), *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (json.loads((o / "selection.json").read_text()) for o in (alone, ranks))
+    assert two["chosen"] == one["chosen"]
+    assert two["reported_scores"] == one["reported_scores"]
+    run = json.loads((ranks / "chosen-val" / "davis_results-val.json").read_text())
+    assert run["settings"]["world_size"] == 2

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,19 +133,33 @@ def check_disjoint(job: SelectionJob) -> None:
 
 def run_selection(job: SelectionJob) -> dict[str, Any] | None:
     """Sweep on the selection split, run the best setting on the reported split, write the
-    report; returns it on rank 0 (None on the other torchrun ranks)."""
-    from dino_vos.distributed import launch_env
+    report; returns it on rank 0 (None on the other torchrun ranks).
+
+    Under torchrun one gloo process group serves the whole selection (as it serves a sweep):
+    rank 0 checks and claims the folder and chooses the setting, and tells the other ranks.
+    """
+    job.check()
+    with _one_process_group():
+        rank = _rank()
+        error = None
+        if rank == 0:
+            try:
+                check_disjoint(job)
+                job.result_folder().claim(
+                    job.base.dataset().inputs, job.base.overwrite, job.base.cache_dir
+                )
+            except InputError as exc:
+                error = str(exc)
+        error = _from_rank0(error)
+        if error is not None:
+            raise InputError(error)
+        return _select_and_report(job)
+
+
+def _select_and_report(job: SelectionJob) -> dict[str, Any] | None:
+    from dino_vos.atomic import atomic_write_json
     from dino_vos.eval.vos.davis_main import run_davis
 
-    job.check()
-    rank, _ = launch_env()
-    folder = job.result_folder()
-    if rank == 0:
-        check_disjoint(job)
-        inputs = job.base.dataset().inputs
-        folder.claim(inputs, job.base.overwrite, job.base.cache_dir)
-    else:
-        folder.wait_for_claim()
     console.print(f"[bold]Selection on {job.select_on}:[/] {len(job.grid.points())} settings")
     rows = run_sweep(job.sweep_job())
     chosen = _from_rank0(best_row(rows) if rows is not None else None)
@@ -153,14 +168,11 @@ def run_selection(job: SelectionJob) -> dict[str, Any] | None:
         f"(J&F-Mean {chosen.scores['J&F-Mean']:.3f}); running it on {job.base.split}"
     )
     setting = job.chosen_job(chosen.parameters)
-    run = run_davis(setting)
-    if run is None:
+    if run_davis(setting) is None:
         return None
     report = _report(job, rows or [], chosen, setting)
-    from dino_vos.atomic import atomic_write_json
-
     atomic_write_json(job.out_dir / SELECTION_REPORT, report)
-    folder.complete([SELECTION_REPORT])
+    job.result_folder().complete([SELECTION_REPORT])
     console.print(
         f"Selected on {job.select_on}: {chosen.tag}; J&F-Mean {job.select_on} "
         f"{report['selection_scores']['J&F-Mean']:.3f}, {job.base.split} "
@@ -196,21 +208,37 @@ def _report(
     }
 
 
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` on every torchrun rank (``value`` itself without torchrun)."""
+def _rank() -> int:
+    from dino_vos.distributed import launch_env
+
+    return launch_env()[0]
+
+
+@contextmanager
+def _one_process_group() -> Iterator[None]:
+    """A gloo group for the whole selection under torchrun (none without): ranks that leave a
+    group at different times must not meet again in a new one."""
     from dino_vos.distributed import launch_env
 
     if launch_env()[1] <= 1:
-        return value
+        yield
+        return
     import torch.distributed as dist
 
-    from dino_vos.distributed import GATHER_TIMEOUT, all_gather_objects, is_enabled
+    from dino_vos.distributed import GATHER_TIMEOUT, is_enabled
 
     created = not is_enabled()
     if created:
         dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
     try:
-        return all_gather_objects(value)[0]
+        yield
     finally:
         if created and is_enabled():
             dist.destroy_process_group()
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every torchrun rank (``value`` itself without torchrun)."""
+    from dino_vos.distributed import all_gather_objects
+
+    return all_gather_objects(value)[0]
