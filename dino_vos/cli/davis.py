@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from dino_vos.cli.options import (
+    IntRange,
     cache_option,
     convert_propagation_value,
     direction_option,
@@ -15,6 +16,8 @@ from dino_vos.cli.options import (
     propagation_options,
     with_backbone_spec,
 )
+from dino_vos.errors import InputError
+from dino_vos.limits import MAX_WORKERS
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 if TYPE_CHECKING:
@@ -54,14 +57,14 @@ if TYPE_CHECKING:
 @cache_option
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1, max=MAX_WORKERS),
     default=1,
     show_default=True,
     help="Sequences run in parallel processes.",
 )
 @click.option(
     "--max-frames",
-    type=click.IntRange(min=3),
+    type=IntRange(min=3),
     default=None,
     help="Only the first N frames of every sequence (quick checks; not comparable numbers).",
 )
@@ -131,14 +134,15 @@ def davis(
     grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
     if grid is not None and results_dir is not None:
         raise click.UsageError("--sweep propagates: drop --results (or --sweep)")
-    from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
-
     try:
         schedule = KeyframeSchedule.parse(keyframes) if keyframes is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--keyframes") from None
     if (schedule is not None or direction != "forward") and results_dir is not None:
         raise click.UsageError("--keyframes and --direction apply to propagation, not to --results")
+    _check_inputs(davis_root, results_dir, out_dir)  # before torch loads
+    from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
+
     names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
     given = [
         flag
@@ -193,3 +197,16 @@ def _sweep_grid(tokens: list[str]) -> SweepGrid:
                 ) from None
         values[name] = converted
     return SweepGrid.from_values(values)
+
+
+def _check_inputs(davis_root: Path, results_dir: Path | None, out_dir: Path | None) -> None:
+    """The folders given exist and a mode is chosen (the job checks the rest)."""
+    if not davis_root.is_dir():
+        raise InputError(
+            f"DAVIS root not found: {davis_root} (give the folder holding JPEGImages/, "
+            "Annotations/ and ImageSets/)"
+        )
+    if results_dir is not None and not results_dir.is_dir():
+        raise InputError(f"results folder not found: {results_dir}")
+    if results_dir is None and out_dir is None:
+        raise InputError("give --out DIR to propagate and score, or --results DIR to only score")
