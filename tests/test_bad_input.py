@@ -250,8 +250,11 @@ USAGE_ERRORS = [
     (["eval", "youtube-vos", "--root", "r", "--out", "o", "--topk", "0"], "'--topk'", "x>=1"),
     (["eval", "knn", "--train", "t", "--val", "v", "--out", "o", "--k", "0"], "'--k'", "x>=1"),
     (["eval", "linear", "--train", "t", "--val", "v", "--out", "o", "--lr", "0"], "'--lr'", "x>0"),
-    (["eval", "transfer", "--train", "t", "--val", "v", "--out", "o", "--layer-decay", "2"],
-     "'--layer-decay'", "0<x<=1"),  # fmt: skip
+    (
+        ["eval", "transfer", "--train", "t", "--val", "v", "--out", "o", "--layer-decay", "2"],
+        "'--layer-decay'",
+        "0<x<=1",
+    ),  # fmt: skip
     (["eval", "frob"], "'frob'", "eval --help'"),
     (["pretrain", "--out", "o", "--epochs", "0"], "'--epochs'", "x>=1"),
     (["pretrain", "--out", "o", "--max-minutes", "inf"], "'--max-minutes'", "x>0"),
