@@ -29,6 +29,12 @@ from dino_vos.sources import MemorySource, open_source
 from dino_vos.spec import BackboneSpec, ResizeSpec, resized_frame_size, round_to_patch
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Relative paths of the commands (``--out o``) land in the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def invoke(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -150,11 +156,12 @@ def test_a_failed_forward_stops_the_decoding_thread_at_once():
 
     features.embed = broken_forward  # type: ignore[method-assign]
     frames = np.zeros((30, 72, 104, 3), dtype=np.uint8)
-    with pytest.raises(RuntimeError, match="forward failed"):
+    with pytest.raises(RuntimeError, match="forward failed") as failure:
         for _ in embed_frames(features, MemorySource(list(frames))):
             pass
-    # the traceback still holds the generators: the thread must not wait for their collection
-    assert decoding_threads() == []
+    # the traceback still holds the generators (as an uncaught error's does until the process
+    # exits): the thread must not wait for their collection
+    assert failure.traceback and decoding_threads() == []
 
 
 def test_any_exception_in_the_decoding_thread_ends_the_run_in_one_line(
