@@ -105,6 +105,14 @@ def test_size_options_have_a_documented_maximum(command, option, value, bound):
     the_one_line(invoke(*command, option, value), f"'{option}'", f"<={bound}")
 
 
+def test_pretraining_config_sizes_have_a_maximum_too(clip_dir):
+    for key, value in (("crops.global_size", 10**5), ("optim.batch_size_per_gpu", 10**9)):
+        base = ["pretrain", "--preset", "cpu_tiny", "--data", clip_dir / "frames", "--out", "o"]
+        result = invoke(*base, "--set", f"{key}={value}")
+        the_one_line(result, "invalid pretraining config", key.split(".")[0], "--set")
+        assert not Path("o").exists()
+
+
 def test_a_setting_beyond_this_machines_memory_is_refused_before_the_model_loads(
     clip_dir, tiny_weights, tmp_path, monkeypatch
 ):
