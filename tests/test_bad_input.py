@@ -121,6 +121,8 @@ def test_a_setting_beyond_this_machines_memory_is_refused_before_the_model_loads
     result = propagate(clip_dir, tmp_path / "o", tiny_weights, "--mask", mask)
     the_one_line(result, "network input of 64x64 px", "this machine has 0.5 MiB", "--short-side")
     assert not (tmp_path / "o").exists()
+    result = invoke("eval", "davis", "--davis-root", clip_dir, "--out", tmp_path / "d")
+    the_one_line(result, "network input of 832x480 px (from 854x480 frames")
     result = invoke("eval", "knn", "--train", clip_dir, "--val", clip_dir, "--out", tmp_path / "k")
     the_one_line(result, "--image-size 224 with --batch-size 64", "lower --image-size")
 

@@ -10,6 +10,7 @@ import click
 from dino_vos.cli.options import (
     IntRange,
     cache_option,
+    check_frames_fit,
     convert_propagation_value,
     direction_option,
     overwrite_option,
@@ -22,6 +23,10 @@ from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, Propagation
 
 if TYPE_CHECKING:
     from dino_vos.eval.sweep import SweepGrid
+
+#: (height, width) of DAVIS 480p frames, the smallest resolution DAVIS ships: the memory check
+#: before the model loads is a lower bound for every resolution.
+DAVIS_SMALLEST_FRAME = (480, 854)
 
 
 @click.command("davis")
@@ -141,6 +146,8 @@ def davis(
     if (schedule is not None or direction != "forward") and results_dir is not None:
         raise click.UsageError("--keyframes and --direction apply to propagation, not to --results")
     _check_inputs(davis_root, results_dir, out_dir)  # before torch loads
+    if results_dir is None:
+        check_frames_fit(spec, DAVIS_SMALLEST_FRAME)
     from dino_vos.eval.davis_main import DavisJob, check_job, run_davis
 
     names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
