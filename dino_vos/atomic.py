@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,13 +25,42 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except Exception as exc:
+            error = write_error(exc, path)
+            if error is exc:
+                raise
+            raise error from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+#: How safetensors' writer reports an I/O error: "... I/O error: No space left on device (os
+#: error 28)"; torch.save's archive writer: "PytorchStreamWriter failed writing file ..." or
+#: "[enforce fail at inline_container.cc] . unexpected pos ..." (the file was cut short).
+_OS_ERROR_NUMBER = re.compile(r"\(os error (\d+)\)")
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "inline_container", "file write failed")
+
+
+def write_error(exc: Exception, path: str | Path) -> Exception:
+    """``exc`` of a writer as the :class:`OSError` it stands for (naming ``path``): writers
+    written in Rust or C++ (safetensors, ``torch.save``) report a full disk in their own
+    exception types. Any other exception is returned unchanged."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    number = _OS_ERROR_NUMBER.search(text)
+    if number is not None:
+        code = int(number.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if isinstance(exc, RuntimeError) and any(part in text for part in _TORCH_WRITE_FAILURES):
+        return OSError(errno.EIO, "the file could not be written (is the disk full?)", str(path))
+    return exc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from queue import Full, Queue
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from dino_vos.backbones import Backbone
-from dino_vos.errors import InputError
+from dino_vos.errors import DinoVosError, InputError
 from dino_vos.sources import Frame
 from dino_vos.spec import ResizeSpec
 from dino_vos.transforms import IMAGENET_MEAN, REFERENCE_VIDEO_STD, frame_to_tensor
@@ -166,17 +167,49 @@ def embed_frames(
         for frame in prefetched(frames, prefetch):
             yield frame, extractor(frame)
         return
-    prepared = prefetched(((f, extractor.preprocess(f.image)) for f in frames), prefetch)
+    prepared = prefetched(_prepared_frames(extractor, frames), prefetch)
     pending: list[tuple[Frame, torch.Tensor]] = []
-    for item in prepared:
-        if pending and item[1].shape != pending[0][1].shape:
-            yield from _embed_batch(extractor, pending)
-            pending = []
-        pending.append(item)
-        if len(pending) >= extractor.batch_size:
-            yield from _embed_batch(extractor, pending)
-            pending = []
-    yield from _embed_batch(extractor, pending)
+    with closing(prepared):  # an error here stops the decoding thread before it propagates
+        for item in prepared:
+            if pending and item[1].shape != pending[0][1].shape:
+                yield from _embed_batch(extractor, pending)
+                pending = []
+            pending.append(item)
+            if len(pending) >= extractor.batch_size:
+                yield from _embed_batch(extractor, pending)
+                pending = []
+        yield from _embed_batch(extractor, pending)
+
+
+def _prepared_frames(
+    extractor: BackboneFeatures, frames: Iterable[Frame]
+) -> Iterator[tuple[Frame, torch.Tensor]]:
+    """Each frame with its network input; a failure names the frame."""
+    for frame in frames:
+        try:
+            tensor = extractor.preprocess(frame.image)
+        except (DinoVosError, OSError):
+            raise
+        except Exception as exc:
+            raise FrameError(f"cannot prepare frame {frame.name}: {_describe(exc)}") from exc
+        yield frame, tensor
+
+
+class FrameError(DinoVosError):
+    """Decoding or preparing a frame failed (in the decoding thread)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, with the fix for running out of memory."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+    if isinstance(exc, MemoryError) or "memory" in text.lower():
+        text += " (out of memory: lower --short-side or --batch-size)"
+    return text
+
+
+#: Decoding threads alive: :func:`stop_decoding_threads` ends them when a run fails.
+_LIVE_THREADS: dict[threading.Thread, threading.Event] = {}
 
 
 def _embed_batch(
@@ -221,6 +254,7 @@ def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Iterator[T]:
             put("error", exc)
 
     thread = threading.Thread(target=produce, name="dino-vos-decoder", daemon=True)
+    _LIVE_THREADS[thread] = stop
     thread.start()
     try:
         while True:
@@ -228,8 +262,20 @@ def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Iterator[T]:
             if kind == "end":
                 return
             if kind == "error":
-                raise value
+                if isinstance(value, (DinoVosError, OSError, KeyboardInterrupt)):
+                    raise value
+                raise FrameError(f"the frame decoding thread failed: {_describe(value)}") from value
             yield value
     finally:
         stop.set()
         thread.join(timeout=5.0)
+        _LIVE_THREADS.pop(thread, None)
+
+
+def stop_decoding_threads(timeout: float = 5.0) -> None:
+    """Stop every decoding thread of :func:`prefetched` and wait for it (a run that failed
+    while an iteration was suspended must not leave one running as the process exits)."""
+    for thread, stop in list(_LIVE_THREADS.items()):
+        stop.set()
+        thread.join(timeout)
+        _LIVE_THREADS.pop(thread, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -204,14 +205,25 @@ def parse_mask_entry(entry: str | Path) -> tuple[str | None, Path]:
     return None, Path(text)
 
 
+def nearest_names(name: str, names: Sequence[str], count: int = 3) -> list[str]:
+    """Up to ``count`` of ``names`` closest to ``name``: by number when both are numbers (frame
+    ``0003`` -> ``00003``), else by spelling."""
+    if name.isdigit() and all(other.isdigit() for other in names):
+        return sorted(names, key=lambda other: (abs(int(other) - int(name)), other))[:count]
+    return difflib.get_close_matches(name, names, n=count, cutoff=0.0)
+
+
 def read_keyframes(
     source: FrameSource,
     masks: Sequence[str | Path] = (),
     masks_dir: str | Path | None = None,
+    limited: bool = False,
 ) -> dict[int, np.ndarray]:
     """Annotations by frame index: ``masks`` entries are ``FILE`` (the first frame) or
     ``FRAME=FILE``; ``masks_dir`` holds sparse PNGs named like the frames (YouTube-VOS
-    ``Annotations/``). Sizes are checked; the first keyframe must show an object."""
+    ``Annotations/``), and a PNG named like no frame is refused (``limited``: the source is
+    cut short, so PNGs named after its last frame are skipped). Sizes are checked; the first
+    keyframe must show an object."""
     given: list[tuple[int, Path]] = []
     for entry in masks:
         frame, file = parse_mask_entry(entry)
@@ -221,13 +233,25 @@ def read_keyframes(
         if not folder.is_dir():
             raise InputError(f"--masks {folder} is not a folder of annotation PNGs")
         names = {name: i for i, name in enumerate(source.frame_names())}
-        found = [(names[p.stem], p) for p in sorted(folder.glob("*.png")) if p.stem in names]
-        if not found:
+        files = sorted(folder.glob("*.png"))
+        if not files:
             raise InputError(
                 f"no annotation in {folder} is named like a frame of {source.path} (for example "
                 f"{source.frame_names()[0]}.png)"
             )
-        given += found
+        if limited:  # annotations of frames after the --max-frames cut are not needed
+            from dino_vos.sources import natural_key
+
+            last = natural_key(source.frame_names()[-1])
+            files = [f for f in files if f.stem in names or natural_key(f.stem) < last]
+        for file in files:
+            if file.stem not in names:
+                nearest = ", ".join(f"{name}.png" for name in nearest_names(file.stem, names))
+                raise InputError(
+                    f"--masks {folder}: {file.name} is named like no frame of {source.path} "
+                    f"(nearest: {nearest}); rename it to the frame it annotates"
+                )
+        given += [(names[file.stem], file) for file in files]
     keyframes: dict[int, np.ndarray] = {}
     for index, path in given:
         if index in keyframes:

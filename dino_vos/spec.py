@@ -30,6 +30,25 @@ POS_EMBED_MODES: tuple[str, ...] = ("auto", "reference", "timm")
 CHECKPOINT_KEYS: tuple[str, ...] = ("teacher", "student", "base_encoder", "momentum_encoder")
 
 
+PatchRounding = Literal["down", "nearest", "up"]
+
+
+def round_to_patch(size: float, patch_size: int, rounding: PatchRounding = "down") -> int:
+    """``size`` pixels as a whole number of patches (at least one): rounded ``down`` (how the
+    ``reference`` rule treats a side that is not a multiple of the patch), to the ``nearest``
+    multiple (the ``patch`` rule) or ``up`` (no pixel of the frame is cropped)."""
+    patches = size / patch_size
+    if rounding == "down":
+        count = math.floor(patches)
+    elif rounding == "nearest":
+        count = round(patches)
+    elif rounding == "up":
+        count = math.ceil(patches)
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}: use down, nearest or up")
+    return max(1, int(count)) * patch_size
+
+
 def resized_frame_size(
     height: int,
     width: int,
@@ -41,8 +60,10 @@ def resized_frame_size(
 
     ``reference``: short side -> ``short_side``, long side -> floor(long * short_side / short /
     64) * 64; square frames become short_side (H) x floor(short_side / 64) * 64 (W), as the
-    reference frame reader does. ``patch``: scale the short side to ``short_side`` (or keep the
-    size when None) and round each side to the nearest multiple of ``patch_size``.
+    reference frame reader does; a side that is then not a multiple of ``patch_size`` (a short
+    side of 180 at patch 8, any 64-multiple at patch 14) is rounded down to one. ``patch``:
+    scale the short side to ``short_side`` (or keep the size when None) and round each side to
+    the nearest multiple of ``patch_size``.
     """
     if rule == "reference":
         target = short_side or min(height, width)
@@ -52,11 +73,14 @@ def resized_frame_size(
         else:
             out_h = target
             out_w = int((target * width / height) // 64 * 64)
-        return max(out_h, 64), max(out_w, 64)
+        return (
+            round_to_patch(max(out_h, 64), patch_size, "down"),
+            round_to_patch(max(out_w, 64), patch_size, "down"),
+        )
     if rule == "patch":
         scale = 1.0 if short_side is None else short_side / min(height, width)
-        out_h = max(patch_size, round(height * scale / patch_size) * patch_size)
-        out_w = max(patch_size, round(width * scale / patch_size) * patch_size)
+        out_h = round_to_patch(height * scale, patch_size, "nearest")
+        out_w = round_to_patch(width * scale, patch_size, "nearest")
         return out_h, out_w
     raise ValueError(f"unknown resize rule '{rule}': use one of {', '.join(RESIZE_RULES)}")
 
@@ -73,6 +97,19 @@ class ResizeSpec:
 
     def key(self) -> str:
         return f"{self.rule}-{self.short_side}"
+
+    def patch_note(self, patch_size: int) -> str | None:
+        """What happens to a short side that is not a multiple of ``patch_size`` (None when it
+        is one): the ``reference`` rule rounds it down, the ``patch`` rule to the nearest."""
+        if self.short_side is None or self.short_side % patch_size == 0:
+            return None
+        rounding: PatchRounding = "down" if self.rule == "reference" else "nearest"
+        used = round_to_patch(self.short_side, patch_size, rounding)
+        how = "rounded down like the long side" if rounding == "down" else "nearest multiple"
+        return (
+            f"--short-side {self.short_side} is not a multiple of the patch size {patch_size}: "
+            f"using {used} ({how})"
+        )
 
 
 #: Which way propagation runs from the keyframes (docs/protocol.md#keyframes).
@@ -250,6 +287,12 @@ class BackboneSpec:
         what = self.name or (Path(self.weights).name if self.weights else "default backbone")
         return f"{what} (random init)" if self.random_init else what
 
+    def known_patch_size(self) -> int | None:
+        """The patch size, when known without loading the model (names, dino-vos files)."""
+        from dino_vos.limits import known_patch_size
+
+        return known_patch_size(self.name, self.weights)
+
     def build_backbone(self, announce: bool = False) -> Backbone:
         """Build the backbone in eval mode; under torchrun on this rank's GPU.
 
@@ -299,8 +342,14 @@ class BackboneSpec:
         ensembled when ``shift_ensemble`` > 1)."""
         from dino_vos.features import BackboneFeatures, ShiftEnsembleFeatures
 
+        backbone = self.build_backbone(announce)
+        note = self.resize.patch_note(backbone.patch_size)
+        if announce and note is not None and self.known_patch_size() is None:  # else said first
+            from dino_vos.console import console
+
+            console.print(f"Note: {note}")
         features = BackboneFeatures(
-            self.build_backbone(announce),
+            backbone,
             self.resize,
             batch_size=self.batch_size,
             precision=self.precision,  # type: ignore[arg-type]

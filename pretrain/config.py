@@ -20,6 +20,7 @@ import yaml
 
 from dino_vos.atomic import atomic_write_text
 from dino_vos.errors import InputError
+from dino_vos.limits import MAX_IMAGE_BATCH, MAX_IMAGE_SIZE, MAX_WORKERS
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 #: What a run folder holds.
@@ -163,7 +164,15 @@ class PretrainConfig:
         """Raise :class:`InputError` on values that cannot train."""
         checks = [
             (self.optim.epochs >= 1, "optim.epochs must be >= 1"),
-            (self.optim.batch_size_per_gpu >= 1, "optim.batch_size_per_gpu must be >= 1"),
+            (
+                1 <= self.optim.batch_size_per_gpu <= MAX_IMAGE_BATCH,
+                f"optim.batch_size_per_gpu must be in 1..{MAX_IMAGE_BATCH}",
+            ),
+            (
+                max(self.crops.global_size, self.crops.local_size) <= MAX_IMAGE_SIZE,
+                f"crops.global_size and crops.local_size must be <= {MAX_IMAGE_SIZE} px",
+            ),
+            (self.train.num_workers <= MAX_WORKERS, f"train.num_workers <= {MAX_WORKERS}"),
             (self.optim.base_lr > 0, "optim.base_lr must be > 0"),
             (self.crops.local_number >= 0, "crops.local_number must be >= 0"),
             (self.crops.global_size >= 8 and self.crops.local_size >= 8, "crop sizes >= 8 px"),

@@ -35,6 +35,7 @@ LIGHT_MODULES = [
     "dino_vos.registry",
     "dino_vos.defaults",
     "dino_vos.errors",
+    "dino_vos.limits",
     "dino_vos.console",
     "dino_vos.cli",
     "dino_vos.cli.options",

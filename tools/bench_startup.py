@@ -3,7 +3,8 @@
     python tools/bench_startup.py [--repeats 5]
 
 Times (median wall seconds over fresh processes) ``dino-vos --help``, ``dino-vos propagate
---help``, a missing-input error and ``python -c "import torch, timm"`` for comparison, and
+--help``, the missing-input error of every command that reads inputs (propagate, demo, eval
+davis|youtube-vos|knn, pretrain) and ``python -c "import torch, timm"`` for comparison, and
 prints JSON with the ratio of each command to the torch import.
 """
 
@@ -37,11 +38,22 @@ def main() -> None:
     args = parser.parse_args()
     cli = shutil.which("dino-vos") or str(Path(sys.executable).parent / "dino-vos")
     with tempfile.TemporaryDirectory() as tmp:
-        missing = [cli, "propagate", f"{tmp}/nope.mp4", "--mask", f"{tmp}/x.png", "--out", tmp]
+        nope, out = f"{tmp}/nope", f"{tmp}/out"
+        missing = {
+            "propagate": ["propagate", f"{nope}.mp4", "--mask", f"{tmp}/x.png", "--out", out],
+            "demo": ["demo", "--video", f"{nope}.mp4", "--mask", f"{tmp}/x.png", "--out", out],
+            "eval davis": ["eval", "davis", "--davis-root", nope, "--out", out],
+            "eval youtube-vos": ["eval", "youtube-vos", "--root", nope, "--out", out],
+            "eval knn": ["eval", "knn", "--train", nope, "--val", nope, "--out", out],
+            "pretrain": ["pretrain", "--preset", "cpu_tiny", "--data", nope, "--out", out],
+        }
         rows = {
             "dino-vos --help": wall_seconds([cli, "--help"], args.repeats),
             "dino-vos propagate --help": wall_seconds([cli, "propagate", "--help"], args.repeats),
-            "missing input error": wall_seconds(missing, args.repeats, expect=2),
+            **{
+                f"missing input error: {name}": wall_seconds([cli, *command], args.repeats, 2)
+                for name, command in missing.items()
+            },
             "import torch, timm": wall_seconds(
                 [sys.executable, "-c", "import torch, timm"], args.repeats
             ),

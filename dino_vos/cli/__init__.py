@@ -56,12 +56,33 @@ class LazyGroup(click.Group):
         return command
 
 
+def one_line_usage_error(exc: click.UsageError) -> click.ClickException:
+    """click's three lines (``Usage:``, ``Try ... --help``, ``Error: ...``) as one ``Error:``
+    line naming the option and what it accepts, with the help command for other mistakes."""
+    message = " ".join(exc.format_message().split())
+    hint = isinstance(exc, click.MissingParameter) or not isinstance(exc, click.BadParameter)
+    if hint and exc.ctx is not None:
+        message = f"{message.rstrip('.')} (see '{exc.ctx.command_path} --help')"
+    error = click.ClickException(message)
+    error.exit_code = exc.exit_code
+    return error
+
+
 class DinoVosGroup(LazyGroup):
-    """The root group: :class:`DinoVosError` becomes one line on stderr and exit code 2."""
+    """The root group: :class:`DinoVosError` becomes one line on stderr and exit code 2, and
+    so does every usage error of click (a bad value, a missing or unknown option)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise one_line_usage_error(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise one_line_usage_error(exc) from None
         except DinoVosError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
@@ -73,6 +94,16 @@ class DinoVosGroup(LazyGroup):
         except KeyboardInterrupt as exc:
             _say_interrupted(exc)
             ctx.exit(_exit_code(exc))
+        finally:
+            _stop_decoding_threads()
+
+
+def _stop_decoding_threads() -> None:
+    """End the frame decoding threads a failed run may have left (only if torch code ran): a
+    thread still inside OpenCV or torch when the process exits aborts it."""
+    features = sys.modules.get("dino_vos.features")
+    if features is not None:
+        features.stop_decoding_threads()
 
 
 @click.group(

@@ -14,9 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dino_vos.cli.options import FiniteFloat, with_backbone_spec
+from dino_vos.cli.options import FiniteFloat, IntRange, with_backbone_spec
 from dino_vos.console import console
 from dino_vos.defaults import IMAGE_SIZE, KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
+from dino_vos.errors import InputError
+from dino_vos.limits import (
+    MAX_IMAGE_BATCH,
+    MAX_IMAGE_SIZE,
+    MAX_WORKERS,
+    check_memory,
+    frame_memory_bytes,
+)
 from dino_vos.spec import BackboneSpec
 
 if TYPE_CHECKING:
@@ -50,26 +58,26 @@ def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
         )
         @click.option(
             "--image-size",
-            type=click.IntRange(min=8),
+            type=IntRange(min=8, max=MAX_IMAGE_SIZE),
             default=IMAGE_SIZE,
             show_default=True,
             help="Crop size fed to the backbone.",
         )
         @click.option(
             "--resize-size",
-            type=click.IntRange(min=8),
+            type=IntRange(min=8, max=MAX_IMAGE_SIZE),
             default=None,
             help="Short side before the center crop [default: image size * 256/224].",
         )
         @click.option(
             "--batch-size",
-            type=click.IntRange(min=1),
+            type=IntRange(min=1, max=MAX_IMAGE_BATCH),
             default=batch_size,
             show_default=True,
             help="Images per batch.",
         )
         @click.option(
-            "--workers", type=click.IntRange(min=0), default=2, show_default=True,
+            "--workers", type=IntRange(min=0, max=MAX_WORKERS), default=2, show_default=True,
             help="Image-decoding worker processes.",
         )  # fmt: skip
         @click.option(
@@ -82,6 +90,18 @@ def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
         @with_backbone_spec(short_side=None, seed=True)
         @functools.wraps(func)
         def wrapper(spec: BackboneSpec, **kw: Any) -> Any:
+            for split in ("train", "val"):  # checked before torch loads
+                folder = kw[f"{split}_dir"]
+                if not folder.is_dir():
+                    raise InputError(
+                        f"{split} folder not found: {folder} (expected {split}/<class>/<images>)"
+                    )
+            size, batch = kw["image_size"], kw["batch_size"]
+            check_memory(
+                frame_memory_bytes(size, size, 16, batch),
+                f"--image-size {size} with --batch-size {batch}",
+                "lower --image-size or --batch-size",
+            )
             from dino_vos.eval.image.baselines import open_baseline_run
 
             out_dir = kw.pop("out_dir")
@@ -119,7 +139,7 @@ def _accuracy_table(title: str, columns: list[str], rows: list[list[Any]]) -> An
 @click.option(
     "--k",
     "ks",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1),
     multiple=True,
     help=f"Neighbour counts, repeatable [default: {' '.join(map(str, KNN_KS))}].",
 )
@@ -153,7 +173,7 @@ def knn(run: BaselineRun, ks: tuple[int, ...], temperature: float, memory_budget
 
 
 @click.command("linear")
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--epochs", type=IntRange(min=1), default=100, show_default=True)
 @click.option(
     "--lr",
     type=FiniteFloat(min=0, min_open=True),
@@ -168,7 +188,7 @@ def knn(run: BaselineRun, ks: tuple[int, ...], temperature: float, memory_budget
 )
 @click.option(
     "--n-last-blocks",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1),
     default=None,
     help="CLS tokens of this many last blocks [default: 4, or 1 for ViT-B-sized models].",
 )
@@ -206,7 +226,7 @@ def linear(
 
 
 @click.command("transfer")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=IntRange(min=1), default=10, show_default=True)
 @click.option(
     "--lr",
     type=FiniteFloat(min=0, min_open=True),

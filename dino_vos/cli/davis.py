@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import click
 
 from dino_vos.cli.options import (
+    IntRange,
     cache_option,
+    check_frames_fit,
     convert_propagation_value,
     direction_option,
     overwrite_option,
@@ -16,10 +18,15 @@ from dino_vos.cli.options import (
     propagation_options,
     with_backbone_spec,
 )
+from dino_vos.errors import InputError
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 if TYPE_CHECKING:
     from dino_vos.eval.vos.sweep import SweepGrid
+
+#: (height, width) of DAVIS 480p frames, the smallest resolution DAVIS ships: the memory check
+#: before the model loads is a lower bound for every resolution.
+DAVIS_SMALLEST_FRAME = (480, 854)
 
 
 @click.command("davis")
@@ -56,7 +63,7 @@ if TYPE_CHECKING:
 @process_workers_option("Sequences")
 @click.option(
     "--max-frames",
-    type=click.IntRange(min=3),
+    type=IntRange(min=3),
     default=None,
     help="Only the first N frames of every sequence (quick checks; not comparable numbers).",
 )
@@ -139,12 +146,15 @@ def davis(
     grid = _sweep_grid([*sweep, *sweep_more]) if sweep else None  # checked before torch loads
     if select_on is not None and grid is None:
         raise click.UsageError("--select-on chooses among the settings of a grid: add --sweep")
-    from dino_vos.eval.vos.davis_main import DavisJob, run_davis
-
     try:
         schedule = KeyframeSchedule.parse(keyframes) if keyframes is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--keyframes") from None
+    _check_inputs(davis_root, results_dir, out_dir)  # before torch loads
+    if results_dir is None:
+        check_frames_fit(spec, DAVIS_SMALLEST_FRAME)
+    from dino_vos.eval.vos.davis_main import DavisJob, run_davis
+
     names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
     given = [
         flag
@@ -204,3 +214,16 @@ def _sweep_grid(tokens: list[str]) -> SweepGrid:
                 ) from None
         values[name] = converted
     return SweepGrid.from_values(values)
+
+
+def _check_inputs(davis_root: Path, results_dir: Path | None, out_dir: Path | None) -> None:
+    """The folders given exist and a mode is chosen (the job checks the rest)."""
+    if not davis_root.is_dir():
+        raise InputError(
+            f"DAVIS root not found: {davis_root} (give the folder holding JPEGImages/, "
+            "Annotations/ and ImageSets/)"
+        )
+    if results_dir is not None and not results_dir.is_dir():
+        raise InputError(f"results folder not found: {results_dir}")
+    if results_dir is None and out_dir is None:
+        raise InputError("give --out DIR to propagate and score, or --results DIR to only score")

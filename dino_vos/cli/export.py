@@ -9,6 +9,7 @@ import click
 from dino_vos.cli.options import (
     FiniteFloat,
     batch_option,
+    check_frames_fit,
     input_argument,
     max_frames_option,
     out_option,
@@ -90,6 +91,7 @@ def attention(
     from dino_vos.sources import open_source
 
     source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
+    check_frames_fit(spec, source.frame_size, batch_size)
     check_outputs(out_dir, overlay, [input_path], overwrite)
     console.print(f"Attention maps of {len(source)} frames of {input_path} into {out_dir}")
 
@@ -161,6 +163,7 @@ def features(
 
     block_indices = parse_layers(layers)
     source = open_source(input_path, limit=max_frames, allow_image=True)  # fails fast
+    check_frames_fit(spec, source.frame_size, batch_size)
     check_outputs(out_dir, None, [input_path], overwrite)
     console.print(f"Features of {len(source)} frames of {input_path} into {out_dir}")
 

@@ -16,6 +16,14 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from dino_vos.console import console
+from dino_vos.limits import (
+    MAX_FRAME_BATCH,
+    MAX_SHIFT_ENSEMBLE,
+    MAX_SHORT_SIDE,
+    MAX_WORKERS,
+    check_frame_memory,
+)
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
@@ -41,15 +49,39 @@ _BACKBONE_KEYS = (
 _PROPAGATION_DEFAULTS = PropagationConfig()
 
 
+class IntRange(click.IntRange):
+    """click's IntRange, whose refusal of a non-number names the valid range too."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, int):
+            try:
+                int(value)
+            except (TypeError, ValueError):
+                self.fail(
+                    f"{value!r} is not a whole number in the range {self._describe_range()}",
+                    param,
+                    ctx,
+                )
+        return super().convert(value, param, ctx)
+
+
 class FiniteFloat(click.FloatRange):
     """A float range that also refuses nan and inf (``float("nan")`` passes every comparison)."""
 
     name = "finite float"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        valid = f"a finite number in the range {self._describe_range()}"
+        if not isinstance(value, float):
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not {valid}", param, ctx)
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
+            self.fail(f"{value!r} is not {valid}", param, ctx)
         return number
 
 
@@ -66,18 +98,20 @@ class Radius(click.ParamType):
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a radius: give a whole number >= 0 or none", param, ctx)
         if radius < 0:
-            self.fail(f"{radius} is negative: give a radius >= 0, or none for the whole frame")
+            self.fail(
+                f"{radius} is negative: give a radius >= 0, or none for the whole frame", param, ctx
+            )
         return radius
 
 
 #: The value type of every propagation parameter, shared by --topk ... --max-references and the
 #: ``--sweep NAME=V1,V2`` values of ``eval davis`` (one parser, one set of rules).
 PROPAGATION_TYPES: dict[str, click.ParamType] = {
-    "topk": click.IntRange(min=1),
-    "context": click.IntRange(min=0),
+    "topk": IntRange(min=1),
+    "context": IntRange(min=0),
     "radius": Radius(),
     "temperature": FiniteFloat(min=0, min_open=True),
-    "max_references": click.IntRange(min=1),
+    "max_references": IntRange(min=1),
 }
 
 
@@ -151,7 +185,7 @@ def resize_options(func: Callable | None = None, *, short_side: int = 480) -> Ca
         [
             click.option(
                 "--short-side",
-                type=click.IntRange(min=8),
+                type=IntRange(min=8, max=MAX_SHORT_SIDE),
                 default=short_side,
                 show_default=True,
                 help="Short side of the network input in pixels.",
@@ -212,6 +246,11 @@ def with_backbone_spec(
             shift_ensemble=kwargs.pop("shift_ensemble") if frames else 1,
             allow_partial=values["allow_partial"],
         )
+        if short_side is not None:
+            patch_size = spec.known_patch_size()
+            note = spec.resize.patch_note(patch_size) if patch_size is not None else None
+            if note is not None:
+                console.print(f"Note: {note}")
         return func(spec=spec, **kwargs)
 
     decorated = backbone_options(wrapper)
@@ -230,7 +269,7 @@ def frame_feature_options(func: Callable) -> Callable:
         [
             click.option(
                 "--batch-size",
-                type=click.IntRange(min=1),
+                type=IntRange(min=1, max=MAX_FRAME_BATCH),
                 default=None,
                 help="Frames per backbone forward [default: 1 on CPU, 8 on CUDA]; frames are "
                 "decoded ahead in a background thread.",
@@ -245,7 +284,7 @@ def frame_feature_options(func: Callable) -> Callable:
             ),
             click.option(
                 "--shift-ensemble",
-                type=click.IntRange(min=1),
+                type=IntRange(min=1, max=MAX_SHIFT_ENSEMBLE),
                 default=1,
                 show_default=True,
                 help="Average the features of N x N inputs shifted by multiples of patch/N "
@@ -346,7 +385,7 @@ out_option = click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder."
 )
 max_frames_option = click.option(
-    "--max-frames", type=click.IntRange(min=1), default=None, help="Only the first N frames."
+    "--max-frames", type=IntRange(min=1), default=None, help="Only the first N frames."
 )
 overwrite_option = click.option(
     "--overwrite",
@@ -356,7 +395,7 @@ overwrite_option = click.option(
 )
 batch_option = click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=IntRange(min=1, max=MAX_FRAME_BATCH),
     default=1,
     show_default=True,
     help="Frames per backbone forward.",
@@ -391,8 +430,18 @@ def process_workers_option(what: str) -> Callable:
     backbone), as ``eval davis`` and ``propagate-batch`` share them out."""
     return click.option(
         "--workers",
-        type=click.IntRange(min=1),
+        type=IntRange(min=1, max=MAX_WORKERS),
         default=1,
         show_default=True,
         help=f"{what} run in parallel processes.",
     )
+
+
+def check_frames_fit(
+    spec: BackboneSpec, frame_size: tuple[int, int], batch_size: int | None = None
+) -> None:
+    """Refuse, before the model loads, a --short-side (and batch) whose network inputs for
+    frames of ``frame_size`` cannot fit into this machine's memory (dino_vos.limits)."""
+    patch_size = spec.known_patch_size() or 16  # the largest patch in use: a lower bound
+    input_size = spec.resize.size_for(*frame_size, patch_size)
+    check_frame_memory(frame_size, input_size, patch_size, batch_size or spec.batch_size or 1)

@@ -7,9 +7,10 @@ from typing import Any
 
 import click
 
-from dino_vos.cli.options import FiniteFloat, overwrite_option
+from dino_vos.cli.options import FiniteFloat, IntRange, overwrite_option
 from dino_vos.console import console
 from dino_vos.errors import InputError
+from dino_vos.limits import MAX_IMAGE_BATCH, MAX_WORKERS
 from dino_vos.outputs import check_out_dir
 from dino_vos.pretrain.config import PRECISIONS, PRESETS, is_run_folder, resolve_config
 
@@ -51,16 +52,22 @@ FLAG_KEYS = {
     help="Image folder (recursive), frame folders or video files; repeatable.",
 )
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Run folder.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Per process.")
+@click.option("--epochs", type=IntRange(min=1), default=None)
+@click.option(
+    "--batch-size", type=IntRange(min=1, max=MAX_IMAGE_BATCH), default=None, help="Per process."
+)
 @click.option(
     "--lr",
     type=FiniteFloat(min=0, min_open=True),
     default=None,
     help="Base learning rate per 256 images (scaled by the global batch).",
 )
-@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Loader workers.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option(
+    "--num-workers", type=IntRange(min=0, max=MAX_WORKERS), default=None, help="Loader workers."
+)
+@click.option(
+    "--threads", type=IntRange(min=1, max=MAX_WORKERS), default=None, help="torch intra-op threads."
+)
 @click.option("--device", default=None, help="auto, cpu, cuda[:N] [default: auto].")
 @click.option(
     "--precision",
@@ -69,7 +76,7 @@ FLAG_KEYS = {
     help="auto: fp32 on CPU; on CUDA fp16 for patch >= 16, bf16 (else fp32) below [default: auto].",
 )
 @click.option(
-    "--save-every", type=click.IntRange(min=0), default=None, help="Checkpoint every N steps."
+    "--save-every", type=IntRange(min=0), default=None, help="Checkpoint every N steps."
 )
 @click.option("--seed", type=int, default=None)
 @click.option(
@@ -79,7 +86,7 @@ FLAG_KEYS = {
     help="Stop (with a checkpoint) after this wall time.",
 )
 @click.option(
-    "--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N steps in total."
+    "--max-steps", type=IntRange(min=1), default=None, help="Stop after N steps in total."
 )
 @click.option(
     "--set",
@@ -113,12 +120,14 @@ def pretrain(
         return
     if out_dir is None:
         raise click.UsageError("--out RUN_DIR is required (try --help)")
-    from dino_vos.pretrain.train import saved_config, train
-
     overrides: dict[str, Any] = {FLAG_KEYS[name]: value for name, value in flags.items()}
     if data:
         overrides["data.paths"] = [str(p) for p in data]
-    saved = saved_config(out_dir) if resume else None
+    saved = None
+    if resume:
+        from dino_vos.pretrain.train import saved_config
+
+        saved = saved_config(out_dir)
     if saved is not None:
         if preset is not None or config_file is not None:
             console.print("Resuming: the run's saved config is used (--preset/--config ignored)")
@@ -131,7 +140,12 @@ def pretrain(
         config = resolve_config(preset, config_file, overrides, assignments)
     if not config.data.paths:
         raise InputError("no training data: pass --data DIR")
+    for path in map(Path, config.data.paths):
+        if not path.exists():
+            raise InputError(f"data path not found: {path}")
     check_out_dir(out_dir, config.data.paths, overwrite, is_previous_result=is_run_folder)
+    from dino_vos.pretrain.train import train  # torch: after the checks
+
     train(config, out_dir, resume=resume)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from dino_vos.cli.options import (
+    check_frames_fit,
     direction_option,
     input_argument,
     max_frames_option,
@@ -99,7 +100,8 @@ def propagate(
     if not masks and masks_dir is None:
         raise click.UsageError("give the first frame's annotation: --mask FILE (or --masks DIR)")
     source = open_source(input_path, limit=max_frames)  # input checks first, without torch
-    keyframes = read_keyframes(source, masks, masks_dir)
+    keyframes = read_keyframes(source, masks, masks_dir, limited=max_frames is not None)
+    check_frames_fit(spec, source.frame_size)
     mask_files = [parse_mask_entry(entry)[1] for entry in masks]
     inputs = [input_path, *mask_files, *([masks_dir] if masks_dir else [])]
     check_outputs(out_dir, overlay, inputs, overwrite)
@@ -184,7 +186,6 @@ def demo(
 
     from rich.table import Table
 
-    from dino_vos.demo import run_demo
     from dino_vos.registry import SHIPPED_BACKBONE, registered_backbone
 
     if (video is None) != (mask is None):
@@ -197,6 +198,7 @@ def demo(
         source = open_source(video)
         first_mask = read_annotation(mask, source)
         require_objects(first_mask, mask)
+    check_frames_fit(spec, source.frame_size if source is not None else DEMO_SIZE)
     check_out_dir(
         out_dir,
         [path for path in (video, mask) if path is not None],
@@ -208,6 +210,8 @@ def demo(
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
     if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
         spec = replace(spec, name=SHIPPED_BACKBONE)
+    from dino_vos.demo import run_demo  # torch: after the checks
+
     features = spec.build(announce=True)
     with progress_bar("frames") as progress:
         task = progress.add_task("Propagating", total=None)

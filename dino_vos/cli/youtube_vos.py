@@ -13,6 +13,7 @@ from dino_vos.cli.options import (
     propagation_options,
     with_backbone_spec,
 )
+from dino_vos.errors import InputError
 from dino_vos.spec import BackboneSpec, Direction, PropagationConfig
 
 
@@ -51,6 +52,13 @@ def youtube_vos(
     """Propagate every video of a YouTube-VOS split from its sparse annotations (each object
     starts on the frame where it is first annotated) and write OUT/submission.zip for the
     benchmark server. Complete videos are reused, so an interrupted run resumes."""
+    folder = root / split if (root / split / "JPEGImages").is_dir() else root
+    for part in ("JPEGImages", "Annotations"):  # checked before torch loads
+        if not (folder / part).is_dir():
+            raise InputError(
+                f"{folder / part} not found: --root must hold {split}/JPEGImages, "
+                f"{split}/Annotations and {split}/meta.json"
+            )
     from dino_vos.eval.vos.youtube_vos import YouTubeVOSJob, run_youtube_vos
 
     names = tuple(n.strip() for n in videos.split(",") if n.strip()) if videos else None
