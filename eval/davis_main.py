@@ -28,11 +28,15 @@ from dino_vos.features import BackboneFeatures
 from dino_vos.masks import atomic_write_bytes
 from dino_vos.outputs import (
     MANIFEST_NAME,
+    check_manifest,
     check_not_an_input,
     check_out_dir,
     check_writable,
     listed_outputs,
+    locked_output_on_main_rank,
     read_manifest,
+    trusted_outputs,
+    warn,
 )
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
@@ -109,18 +113,22 @@ def is_davis_result(folder: Path) -> bool:
 def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
     """Apply the output rules to the report folder and forget reports of other settings.
 
-    The folder gets a manifest at once (status ``running``), so an interrupted run is known as
-    dino-vos's own when it is resumed; reports left by a run with other settings are removed
-    (they are listed in its manifest) instead of lying beside the new masks. Under torchrun,
-    rank 0 checks and the other ranks wait for its manifest before they write anything.
+    A propagating run's folder gets a manifest at once (status ``running``), so an interrupted
+    run is known as dino-vos's own when it is resumed (scoring only writes nothing before its
+    reports, so a failed scoring run leaves the folder as it was); reports left by a run with
+    other settings are removed (they are listed in its manifest) instead of lying beside the
+    new masks. Under torchrun, rank 0 checks and the other ranks wait for its manifest before
+    they write anything.
     """
     out = job.report_dir
     if launch_env()[0] != 0:
-        _wait_for_rank0(out, job.run_key())
+        if not job.scoring_only:  # scoring only, rank 0 writes everything at the end
+            _wait_for_rank0(out, job.run_key())
         return
     inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]  # every resolution
     if job.scoring_only:  # the results folder holds the masks: only the reports are ours
         check_not_an_input(out, inputs, "--out")
+        check_manifest(out)
         check_writable(out, "--out")
         ours = listed_outputs(read_manifest(out)) if is_davis_result(out) else set()
         reports = [path.name for path in output_paths(out, job.report_label).values()]
@@ -135,15 +143,25 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
     if job.cache_dir is not None:
         check_not_an_input(job.cache_dir, inputs, "--cache")
         check_writable(job.cache_dir, "--cache")
+    if job.scoring_only:  # nothing is written before the reports: a failed run changes nothing
+        return
+    _drop_reports_of_other_settings(job)
     previous = read_manifest(out) if is_davis_result(out) else {}
-    if previous and previous.get("run") != job.run_key():
-        for name in listed_outputs(previous):
-            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": RUN_FORMAT, "status": "running", "run": job.run_key(), "outputs": []}
     if previous.get("run") == job.run_key():
         manifest["outputs"] = previous.get("outputs", [])
     atomic_write_json(out / MANIFEST_NAME, manifest)
+
+
+def _drop_reports_of_other_settings(job: DavisJob) -> None:
+    """Remove the reports of an earlier run with other settings (those its manifest lists and
+    that lie inside the folder: :func:`dino_vos.outputs.trusted_outputs`)."""
+    out = job.report_dir
+    previous = read_manifest(out) if is_davis_result(out) else {}
+    if previous and previous.get("run") != job.run_key():
+        for name in trusted_outputs(out, previous, warn):
+            (out / name).unlink(missing_ok=True)
 
 
 def _wait_for_rank0(out: Path, run_key: dict[str, Any], timeout: float = 600.0) -> None:
@@ -192,6 +210,20 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
         require_frames=not job.scoring_only,
         max_frames=job.max_frames,
     )
+    inputs = [dataset.root / "Annotations", dataset.root / "JPEGImages"]
+    if rank == 0 and not job.scoring_only:  # refused before a lock file is put there
+        check_out_dir(job.report_dir, inputs, job.overwrite, is_previous_result=is_davis_result)
+    with locked_output_on_main_rank(job.report_dir, inputs=inputs):  # one run per folder
+        return _run_locked(job, dataset, features, rank, world)
+
+
+def _run_locked(
+    job: DavisJob,
+    dataset: DavisDataset,
+    features: BackboneFeatures | None,
+    rank: int,
+    world: int,
+) -> DavisRun | None:
     prepare_report_dir(job, dataset)
     out_dir = job.report_dir
     settings = RunSettings(
@@ -237,6 +269,8 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
     if run is None:
         return None
     payload = _payload(run, dataset, job, features, world)
+    if job.scoring_only:
+        _drop_reports_of_other_settings(job)
     _write_outputs(out_dir, job.report_label, run, payload)
     reports = [path.name for path in output_paths(out_dir, job.report_label).values()]
     atomic_write_json(

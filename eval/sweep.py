@@ -29,6 +29,7 @@ from dino_vos.outputs import (
     check_out_dir,
     check_writable,
     listed_outputs,
+    locked_output_on_main_rank,
     read_manifest,
 )
 from dino_vos.spec import PropagationConfig
@@ -253,6 +254,17 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
     points = job.grid.points()
     jobs = [job.setting_job(point) for point in points]  # validates every setting up front
     rank, world = launch_env()
+    with locked_output_on_main_rank(job.out_dir):  # one sweep at a time in a folder
+        return _run_sweep(job, points, jobs, rank, world)
+
+
+def _run_sweep(
+    job: SweepJob,
+    points: Sequence[dict[str, Value]],
+    jobs: Sequence[DavisJob],
+    rank: int,
+    world: int,
+) -> list[SweepRow] | None:
     if world <= 1:
         return _run_settings(job, points, jobs, _prepare(job, jobs), rank)
     import torch.distributed as dist

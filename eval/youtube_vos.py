@@ -36,6 +36,7 @@ from dino_vos.outputs import (
     check_out_dir,
     check_writable,
     is_reusable_result,
+    locked_output,
     read_manifest,
 )
 from dino_vos.sources import FolderSource, natural_key
@@ -206,6 +207,12 @@ def write_submission(out_dir: Path, videos: Sequence[YouTubeVOSVideo]) -> Path:
 def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any]:
     """Propagate every video of the split and write the submission zip; returns the summary."""
     videos = read_youtube_vos(job.root, job.split, job.videos)
+    check_out_dir(job.out_dir, [job.root], job.overwrite, is_previous_result=is_youtube_vos_result)
+    with locked_output(job.out_dir, inputs=[job.root]):  # one run per folder
+        return _run_locked(job, videos)
+
+
+def _run_locked(job: YouTubeVOSJob, videos: Sequence[YouTubeVOSVideo]) -> dict[str, Any]:
     out = job.out_dir
     check_out_dir(out, [job.root], job.overwrite, is_previous_result=is_youtube_vos_result)
     if job.cache_dir is not None:

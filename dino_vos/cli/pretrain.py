@@ -10,7 +10,7 @@ import click
 from dino_vos.cli.options import FiniteFloat, overwrite_option
 from dino_vos.console import console
 from dino_vos.errors import InputError
-from dino_vos.outputs import check_out_dir
+from dino_vos.outputs import check_out_dir, locked_output_on_main_rank
 from dino_vos.pretrain.config import PRECISIONS, PRESETS, is_run_folder, resolve_config
 
 #: CLI flag -> config key.
@@ -127,7 +127,8 @@ def pretrain(
     if not config.data.paths:
         raise InputError("no training data: pass --data DIR")
     check_out_dir(out_dir, config.data.paths, overwrite, is_previous_result=is_run_folder)
-    train(config, out_dir, resume=resume)
+    with locked_output_on_main_rank(out_dir, inputs=config.data.paths):  # one run per folder
+        train(config, out_dir, resume=resume)
 
 
 @pretrain.command(name="plot")
