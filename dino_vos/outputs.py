@@ -114,10 +114,12 @@ def acquire_output_lock(
     if held is not None:
         held.count += 1
         return
+    if key.exists() and not key.is_dir():
+        raise InputError(f"{flag} {folder} is a file: give a folder")
     created = [parent for parent in (key, *key.parents) if not parent.exists()][::-1]
     for _ in range(10):  # a releasing run may remove the folder it created in between
-        key.mkdir(parents=True, exist_ok=True)
         try:
+            key.mkdir(parents=True, exist_ok=True)
             fd = lock_file(key / LOCK_NAME)
         except FileNotFoundError:
             continue
@@ -231,8 +233,11 @@ def entry_problem(out_dir: Path, name: object) -> str | None:
     pure = PurePosixPath(name)
     if pure.is_absolute() or name.startswith("~"):
         return "an absolute path"
-    if any(part in ("..", ".", "") for part in name.split("/")):
+    parts = name.split("/")
+    if ".." in parts:
         return "goes up with .."
+    if any(part in (".", "") for part in parts):
+        return "has an empty or '.' part"
     if pure.parts[0] in OWN_NAMES:
         return "a dino-vos bookkeeping name"
     current = out_dir
@@ -256,7 +261,8 @@ def trusted_outputs(
     out = Path(out_dir)
     trusted: set[str] = set()
     rejected: list[str] = []
-    for name in manifest.get("outputs", []) or []:
+    names = manifest.get("outputs", [])
+    for name in names if isinstance(names, list) else []:
         problem = entry_problem(out, name)
         if problem is None:
             trusted.add(name)
@@ -306,6 +312,15 @@ def listed_outputs(manifest: dict[str, Any]) -> set[str]:
         and not PurePosixPath(name).is_absolute()
         and ".." not in name.split("/")
     }
+
+
+def note(text: str) -> None:
+    """One plain line on the console (never wrapped): what a run cleaned up."""
+    from rich.markup import escape
+
+    from dino_vos.console import console
+
+    console.print(escape(text), soft_wrap=True)
 
 
 def warn(text: str) -> None:
@@ -470,17 +485,22 @@ def _undo_interrupted_commit(out_dir: Path, announce: Any = None) -> None:
     if not backup.is_dir() or backup.is_symlink():
         return
     try:
-        new_files = json.loads((backup / JOURNAL_NAME).read_text())
+        journal = json.loads((backup / JOURNAL_NAME).read_text())
     except (OSError, ValueError):
-        new_files = []
+        journal = []
+    if isinstance(journal, dict):  # {"moving": "out"|"in", "new_files": [...]}
+        new_files = journal.get("new_files", []) if journal.get("moving") == "in" else []
+    else:  # a list: the journal of an older dino-vos, written before the moves
+        new_files = journal
     if not isinstance(new_files, list):
         new_files = []
     if not is_result_folder(out_dir):  # the commit stopped before its manifest
-        restored = 0
-        for name in new_files:
-            if entry_problem(out_dir, name) is None:
+        removed = restored = 0
+        for name in new_files:  # only once new files moved in: before, these are the old ones
+            if entry_problem(out_dir, name) is None and (out_dir / name).is_file():
                 with contextlib.suppress(OSError):
                     (out_dir / name).unlink()
+                    removed += 1
         for source in sorted(backup.rglob("*")):
             relative = source.relative_to(backup).as_posix()
             if source.is_symlink() or not source.is_file() or relative == JOURNAL_NAME:
@@ -494,7 +514,7 @@ def _undo_interrupted_commit(out_dir: Path, announce: Any = None) -> None:
         if announce is not None:
             announce(
                 f"Restored the previous result in {out_dir} (a commit was interrupted: "
-                f"{len(new_files)} new file(s) removed, {restored} previous file(s) put back)"
+                f"{removed} new file(s) removed, {restored} previous file(s) put back)"
             )
     elif announce is not None:
         announce(f"Removed {backup} left by an interrupted run (its commit had completed)")

@@ -9,6 +9,7 @@ are in :mod:`dino_vos.outputs`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -22,8 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from dino_vos.atomic import atomic_write_json, deferred_interrupts
-from dino_vos.console import console
+from dino_vos.atomic import atomic_path, atomic_write_json, deferred_interrupts
 from dino_vos.errors import InputError
 from dino_vos.masks import atomic_write_bytes, davis_palette, encode_indexed_png
 from dino_vos.outputs import (
@@ -34,6 +34,7 @@ from dino_vos.outputs import (
     acquire_output_lock,
     check_outputs,
     entry_problem,
+    note,
     overlay_record,
     read_manifest,
     release_output_lock,
@@ -81,7 +82,7 @@ class OutputSink:
         acquire_output_lock(self.out_dir, inputs=inputs)
         self._locked = True
         try:
-            remove_stale_staging(self.out_dir, console.print)
+            remove_stale_staging(self.out_dir, note)
             check_outputs(self.out_dir, self.overlay, inputs, overwrite)
             self.staging.mkdir(parents=True)
             if self.overlay is not None:
@@ -187,11 +188,13 @@ class OutputSink:
         try:
             shutil.rmtree(backup, ignore_errors=True)
             backup.mkdir()
-            atomic_write_json(backup / JOURNAL_NAME, new_files)
+            # the journal says which files move in, and whether they have started to
+            atomic_write_json(backup / JOURNAL_NAME, {"moving": "out", "new_files": new_files})
             for name in [MANIFEST_NAME, *sorted(ours)]:  # the manifest first: not finished now
                 if (self.out_dir / name).is_file():
                     _move(self.out_dir / name, backup / name)
                     moved_out.append(name)
+            atomic_write_json(backup / JOURNAL_NAME, {"moving": "in", "new_files": new_files})
             for name in new_files:
                 _move(self.staging / name, self.out_dir / name)
                 moved_in.append(name)
@@ -239,8 +242,16 @@ def _move(source: Path, target: Path) -> None:
 
 
 def _place_overlay(staged: Path, overlay: Path) -> None:
-    """Rename the finished overlay over its destination (same file system: never a copy)."""
-    os.replace(staged, overlay)
+    """Rename the finished overlay over its destination (staged on its file system: never a
+    copy). Should the rename still cross devices (a bind mount), the copy goes to a temporary
+    file beside the destination first: the previous overlay stays if the copy fails."""
+    try:
+        os.replace(staged, overlay)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(overlay, suffix=overlay.suffix) as tmp:
+            shutil.copyfile(staged, tmp)
 
 
 def _remove_empty_folders(root: Path, removed: set[str]) -> None:

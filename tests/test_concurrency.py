@@ -21,11 +21,18 @@ from click.testing import CliRunner
 from test_baselines import write_images
 from test_davis_eval import write_davis
 from test_safety import assert_refused, propagate, snapshot
+from test_youtube_vos import write_youtube_vos
 
 from dino_vos import writers
 from dino_vos.api import propagate_to_folder
 from dino_vos.cli import main
-from dino_vos.outputs import BACKUP_NAME, MANIFEST_NAME, STAGING_NAME
+from dino_vos.outputs import (
+    BACKUP_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    STAGING_NAME,
+    remove_stale_staging,
+)
 from dino_vos.synthetic import make_clip
 
 WEIGHTS = ["--short-side", "64", "--device", "cpu"]
@@ -139,6 +146,8 @@ def test_every_writing_command_is_refused_on_a_locked_folder(
 ):
     frames, mask = user_data["frames"], user_data["masks"] / "00000.png"
     davis = write_davis(tmp_path / "davis", {"alpha": (2017, 2, 5, (48, 80))})
+    youtube = tmp_path / "youtube"
+    write_youtube_vos(youtube)
     write_images(tmp_path / "images" / "train", per_class=2, seed=0)
     write_images(tmp_path / "images" / "val", per_class=1, seed=1)
     (tmp_path / "scores").mkdir()
@@ -146,13 +155,26 @@ def test_every_writing_command_is_refused_on_a_locked_folder(
     weights = ["--weights", str(tiny_weights), *WEIGHTS]
     knn = ["--train", str(tmp_path / "images" / "train"), "--val", str(tmp_path / "images" / "val")]
     knn += ["--weights", str(tiny_weights), "--device", "cpu", "--image-size", "32"]
-    commands = {
+    commands = {  # fmt: skip
         "propagate": ["propagate", str(frames), "--mask", str(mask), *weights, "--out"],
         "attention": ["attention", str(frames), *weights, "--out"],
         "features": ["features", str(frames), *weights, "--out"],
         "demo": ["demo", "--video", str(frames), "--mask", str(mask), *weights, "--out"],
         "eval davis": ["eval", "davis", "--davis-root", str(davis), *weights, "--out"],
+        "eval davis --sweep": [
+            "eval",
+            "davis",
+            "--davis-root",
+            str(davis),
+            *weights,
+            "--sweep",
+            "topk=1,2",
+            "--out",
+        ],
+        "eval youtube-vos": ["eval", "youtube-vos", "--root", str(youtube), *weights, "--out"],
         "eval knn": ["eval", "knn", *knn, "--out"],
+        "eval linear": ["eval", "linear", *knn, "--out"],
+        "eval transfer": ["eval", "transfer", *knn, "--out"],
         "pretrain": ["pretrain", "--preset", "cpu_tiny", "--data", str(frames), "--out"],
     }
     for name, args in commands.items():
@@ -262,21 +284,23 @@ def test_corrupt_manifest_is_reported_at_the_start(user_data, tiny_weights, tmp_
 # --- 3. crash safety -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("moves", [3, 9])  # moving the old result out; moving the new one in
 def test_sigkill_while_a_rerun_moves_files_in_is_undone_without_overwrite(
-    user_data, tiny_weights, tmp_path
+    user_data, tiny_weights, tmp_path, moves
 ):
     out = tmp_path / "out"
     mask = user_data["masks"] / "00000.png"
     assert propagate(user_data["frames"], mask, out, tiny_weights).exit_code == 0
     before = snapshot(out)
-    # a re-run killed (SIGKILL) after it moved the third file of its commit
+    # a re-run killed (SIGKILL) after the given number of file moves of its commit (1 manifest
+    # + 6 masks move out, then 4 masks move in)
     code = (
         "import os, signal, sys\n"
         "from dino_vos import writers\n"
         "real, calls = writers._move, []\n"
         "def move(source, target):\n"
         "    real(source, target); calls.append(target)\n"
-        "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"    if len(calls) == {moves}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "writers._move = move\n"
         "from dino_vos.cli import main\n"
         "main(sys.argv[1:])\n"
@@ -286,13 +310,20 @@ def test_sigkill_while_a_rerun_moves_files_in_is_undone_without_overwrite(
     killed = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (out / BACKUP_NAME).is_dir()
+    # the cleanup alone puts back exactly the previous result
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=True)
+    notes: list[str] = []
+    remove_stale_staging(copy, notes.append)
+    (copy / LOCK_NAME).unlink()  # the killed run's lock file (its lock died with it)
+    assert snapshot(copy) == before
+    assert "Restored the previous result" in notes[0]
+    # and the next run recognises the journal without --overwrite, says so, and succeeds
     result = propagate(user_data["frames"], mask, out, tiny_weights, "--max-frames", "4")
     assert result.exit_code == 0, result.output
     assert "Restored the previous result" in result.output
     assert json.loads((out / MANIFEST_NAME).read_text())["frames"] == 4
     assert not (out / BACKUP_NAME).exists() and not (out / STAGING_NAME).exists()
-    # and the library call that found it restores exactly the previous result
-    assert set(before) >= {f"{i:05d}.png" for i in range(4)}
 
 
 def _sigint_self() -> None:
