@@ -26,16 +26,11 @@ from test_youtube_vos import write_youtube_vos
 from dino_vos import writers
 from dino_vos.api import propagate_to_folder
 from dino_vos.cli import main
-from dino_vos.outputs import (
-    BACKUP_NAME,
-    LOCK_NAME,
-    MANIFEST_NAME,
-    STAGING_NAME,
-    remove_stale_staging,
-)
+from dino_vos.outputs import BACKUP_NAME, MANIFEST_NAME, STAGING_NAME, remove_stale_staging
 from dino_vos.synthetic import make_clip
 
 WEIGHTS = ["--short-side", "64", "--device", "cpu"]
+LOCK_NAME = ".dino-vos-lock"  # dino_vos.outputs.LOCK_NAME (spelled out: tests run on old code too)
 #: Runs ``python -m dino_vos`` with Python's own SIGINT handler (a background job of a
 #: non-interactive shell starts with SIGINT ignored).
 MAIN = (
