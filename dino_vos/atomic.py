@@ -1,13 +1,22 @@
-"""Atomic file writes: a temporary file in the target folder, renamed into place when complete."""
+"""Atomic file writes: a temporary file in the target folder, renamed into place when complete.
+
+Also the two primitives the output rules (:mod:`dino_vos.outputs`) build on: an exclusive
+``fcntl.flock`` on a lock file (it dies with the process, so even SIGKILL leaves no stale lock)
+and a block that Ctrl-C cannot cut short (cleanup code that must run to its end).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +97,101 @@ def finite_json(value: Any) -> Any:
 def atomic_write_json(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as indented, strict JSON (non-finite floats become null), atomically."""
     atomic_write_text(path, json.dumps(finite_json(payload), indent=2, allow_nan=False) + "\n")
+
+
+def lock_file(path: str | Path, blocking: bool = False) -> int | None:
+    """Take an exclusive ``flock`` on ``path`` (created if missing) and write our PID into it.
+
+    Returns the open descriptor that holds the lock (close it, after :func:`unlock_file`, to
+    release), or None when another process holds it and ``blocking`` is False. A holder removes
+    the file when it releases, so a lock taken on a file that was meanwhile removed or replaced
+    is dropped and taken again on the current one.
+    """
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path)
+            opened = os.fstat(fd)
+            same = (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def unlock_file(path: str | Path, fd: int) -> None:
+    """Release a lock of :func:`lock_file`: remove its file (while still holding it), close."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+
+
+def lock_holder_pid(path: str | Path) -> int | None:
+    """The PID of the live process that holds the lock file ``path``; None when it is free."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_entry(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """:func:`atomic_path` under an exclusive lock on ``.<name>.lock`` beside ``path``: for
+    entries of a cache that several runs share (one writer of an entry at a time; readers see
+    the old file or the complete new one, never a part). The lock file goes when done."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    fd = lock_file(lock, blocking=True)
+    assert fd is not None
+    try:
+        with atomic_path(path, suffix) as tmp:
+            yield tmp
+    finally:
+        unlock_file(lock, fd)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Run a block that Ctrl-C (SIGINT) and SIGTERM cannot cut short: a signal that arrives
+    meanwhile is delivered when the block ends (a second Ctrl-C during cleanup then no longer
+    leaves half-removed files). Outside the main thread, signals cannot arrive: a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is None:  # installed outside Python: leave it alone
+            continue
+        previous[signum] = signal.signal(signum, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):  # now, to the handler that was in place
+            os.kill(os.getpid(), signum)

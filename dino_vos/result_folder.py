@@ -13,13 +13,18 @@ settings (``key``), whether it finished (``status``) and which reports it wrote 
    beside new results);
 3. :meth:`ResultFolder.complete` writes the manifest ``complete`` with the reports' names last.
 
-Under torchrun, rank 0 claims and the other ranks :meth:`ResultFolder.wait_for_claim`.
+Under torchrun, rank 0 claims and the other ranks :meth:`ResultFolder.wait_for_claim`. The whole
+job runs inside :meth:`ResultFolder.locked` (the folder's lock,
+:func:`dino_vos.outputs.locked_output`), so a second run into the same folder is refused
+instead of undoing the first's work.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +33,15 @@ from dino_vos.atomic import atomic_write_json
 from dino_vos.errors import InputError
 from dino_vos.outputs import (
     MANIFEST_NAME,
+    check_manifest,
     check_not_an_input,
     check_out_dir,
     check_writable,
     listed_outputs,
+    locked_output_on_main_rank,
     read_manifest,
+    trusted_outputs,
+    warn,
 )
 
 
@@ -65,6 +74,22 @@ class ResultFolder:
             and all((self.path / name).is_file() for name in self.reports)
         )
 
+    @contextmanager
+    def locked(
+        self, inputs: Sequence[str | Path], overwrite: bool = False, shared: bool = False
+    ) -> Iterator[Path]:
+        """Hold the folder's lock for the block (on the main rank; other torchrun ranks write
+        into the folder rank 0 holds). The folder rules are checked first, so no lock file is
+        put into a folder that is refused."""
+        if os.environ.get("RANK", "0") == "0":
+            if shared:
+                check_not_an_input(self.path, inputs, "--out")
+            else:
+                check_out_dir(self.path, inputs, overwrite, is_previous_result=self.is_ours)
+            check_manifest(self.path)
+        with locked_output_on_main_rank(self.path, inputs=inputs):
+            yield self.path
+
     def claim(
         self,
         inputs: Sequence[str | Path],
@@ -77,9 +102,11 @@ class ResultFolder:
         mark the folder ``running`` for this job.
 
         ``shared``: the folder holds results another tool wrote (scoring existing masks in
-        place): it need not be empty, only our reports are ours. ``fix`` ends the message
+        place): it need not be empty, only our reports are ours, and nothing is written before
+        the reports (a failed scoring run leaves the folder as it was). ``fix`` ends the message
         about a report name taken by a file we did not write.
         """
+        check_manifest(self.path)
         if shared:
             check_not_an_input(self.path, inputs, "--out")
             check_writable(self.path, "--out")
@@ -94,15 +121,25 @@ class ResultFolder:
         if cache_dir is not None:
             check_not_an_input(cache_dir, inputs, "--cache")
             check_writable(cache_dir, "--cache")
+        if shared:
+            return
         previous = self.manifest() if self.is_ours() else {}
         kept: list[str] = []
         if previous.get(self.key_name) == self.key:
             kept = sorted(listed_outputs(previous))
-        else:  # another job's reports would lie beside the new results
-            for name in listed_outputs(previous):
-                (self.path / name).unlink(missing_ok=True)
+        else:
+            self.drop_other_reports()
         self.path.mkdir(parents=True, exist_ok=True)
         self._write("running", kept)
+
+    def drop_other_reports(self) -> None:
+        """Remove the reports of an earlier job with another key: they would lie beside the new
+        results. Only names the manifest lists that stay inside the folder are touched
+        (:func:`dino_vos.outputs.trusted_outputs`)."""
+        previous = self.manifest() if self.is_ours() else {}
+        if previous and previous.get(self.key_name) != self.key:
+            for name in trusted_outputs(self.path, previous, warn):
+                (self.path / name).unlink(missing_ok=True)
 
     def complete(self, outputs: Iterable[str], **extra: Any) -> None:
         """Mark the job finished; ``outputs`` are the reports it wrote."""

@@ -9,9 +9,11 @@ are in :mod:`dino_vos.outputs`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from dino_vos.atomic import atomic_write_json
-from dino_vos.console import console
+from dino_vos.atomic import atomic_path, atomic_write_json, deferred_interrupts
 from dino_vos.errors import InputError
 from dino_vos.masks import atomic_write_bytes, davis_palette, encode_indexed_png
 from dino_vos.outputs import (
@@ -30,10 +31,16 @@ from dino_vos.outputs import (
     JOURNAL_NAME,
     MANIFEST_NAME,
     STAGING_NAME,
+    acquire_output_lock,
     check_outputs,
-    listed_outputs,
+    entry_problem,
+    note,
+    overlay_record,
     read_manifest,
+    release_output_lock,
     remove_stale_staging,
+    trusted_outputs,
+    warn,
 )
 
 ProbsFormat = Literal["npz", "safetensors"]
@@ -42,14 +49,19 @@ ProbsFormat = Literal["npz", "safetensors"]
 class OutputSink:
     """Where every command's results go: a staged output folder plus an optional overlay video.
 
-    Files are written into a hidden staging folder inside ``out_dir``; :meth:`commit` swaps them
-    in and writes the manifest (which lists them under ``outputs``) last. The folder is always
-    either the previous complete result or the new one: the previous result's files move to a
-    backup first and come back if anything fails, and an interrupted commit is undone by the
-    next run (:func:`dino_vos.outputs.remove_stale_staging`). Files that dino-vos did not write
-    are never replaced, and a non-empty folder that is not a dino-vos result is refused unless
-    ``overwrite``. Used as a context manager, an exception (or Ctrl-C) inside the block discards
-    everything staged. Propagation, attention and feature export all write through it.
+    The sink holds the folder's lock (:func:`dino_vos.outputs.locked_output`) from its creation
+    to its commit or abort: a second run into the same folder is refused. Files are written into
+    a hidden staging folder inside ``out_dir``; :meth:`commit` swaps them in and writes the
+    manifest (which lists them under ``outputs``) last. The folder is always either the previous
+    complete result or the new one: the previous result's files move to a backup first and come
+    back if anything fails (Ctrl-C included: the rollback itself cannot be interrupted), and an
+    interrupted commit is undone by the next run (:func:`dino_vos.outputs.remove_stale_staging`).
+    Files that dino-vos did not write are never replaced, a manifest entry that would leave the
+    folder is ignored, and a non-empty folder that is not a dino-vos result is refused unless
+    ``overwrite``. The overlay video is written next to its destination's file system and
+    renamed into place, never copied. Used as a context manager, an exception (or Ctrl-C) inside
+    the block discards everything staged. Propagation, attention and feature export all write
+    through it.
     """
 
     def __init__(
@@ -62,21 +74,53 @@ class OutputSink:
     ) -> None:
         self.out_dir = Path(out_dir)
         self.overlay = Path(overlay) if overlay is not None else None
-        remove_stale_staging(self.out_dir, console.print)
-        check_outputs(self.out_dir, self.overlay, inputs, overwrite)
+        self._locked = False
+        self._staged_video: Path | None = None
+        self._video: VideoWriter | None = None
         self.staging = self.out_dir / STAGING_NAME
-        self.staging.mkdir(parents=True)
         self.masks: list[str] = []
-        self._staged_video = self.path(f"overlay{self.overlay.suffix}") if self.overlay else None
-        self._video = VideoWriter(self._staged_video, fps) if self._staged_video else None
+        acquire_output_lock(self.out_dir, inputs=inputs)
+        self._locked = True
+        try:
+            remove_stale_staging(self.out_dir, note)
+            check_outputs(self.out_dir, self.overlay, inputs, overwrite)
+            self.staging.mkdir(parents=True)
+            if self.overlay is not None:
+                self._staged_video = self._overlay_stage(self.overlay)
+                self._video = VideoWriter(self._staged_video, fps)
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> OutputSink:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        self._close_video()
         if exc_type is not None:
             self.abort()
+        else:
+            self._close_video()
+        self._release()
+
+    def _release(self) -> None:
+        if self._locked:
+            self._locked = False
+            release_output_lock(self.out_dir)
+
+    def _overlay_stage(self, overlay: Path) -> Path:
+        """Where the overlay is written: in the staging folder when that is on the overlay's file
+        system, else a hidden temporary file beside it (so the commit is a rename either way)."""
+        existing = overlay.parent
+        while not existing.exists():
+            existing = existing.parent
+        if existing.stat().st_dev == self.staging.stat().st_dev:
+            return self.path(f"overlay{overlay.suffix}")
+        overlay.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{overlay.name}.dino-vos-", suffix=overlay.suffix, dir=overlay.parent
+        )
+        os.close(fd)
+        return Path(tmp)
 
     def path(self, relative: str | Path) -> Path:
         """The staged location of ``relative`` (its folder is created)."""
@@ -108,65 +152,106 @@ class OutputSink:
             if path.is_file() and path != self._staged_video
         )
 
+    def _blocked(self, new_files: list[str], ours: set[str]) -> str | None:
+        """The first new file that must not be written: a path through a symlink, or an
+        existing file that dino-vos did not write."""
+        for name in new_files:
+            target = self.out_dir / name
+            problem = entry_problem(self.out_dir, name)
+            if problem is not None and not (problem == "a symlink" and not target.exists()):
+                return f"{target} {problem} and is not written: choose an empty --out"
+            if (target.exists() or target.is_symlink()) and name not in ours:
+                return (
+                    f"{target} was not written by dino-vos and is not replaced: choose an "
+                    "empty --out"
+                )
+        return None
+
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Swap the staged files in (the previous result's files out), then write the manifest."""
+        """Swap the staged files in (the previous result's files out), write the manifest, then
+        rename the overlay into place; any failure puts the previous result back."""
         self._close_video()
         new_files = self._staged_files()
         previous = read_manifest(self.out_dir)
         # A manifest of an older dino-vos without a file list: its same-named files are ours.
-        ours = listed_outputs(previous) if "outputs" in previous else set(new_files)
-        if not previous:
-            ours = set()
-        foreign = [
-            name for name in new_files if (self.out_dir / name).exists() and name not in ours
-        ]
-        if foreign:
-            raise InputError(
-                f"{self.out_dir / foreign[0]} was not written by dino-vos and is not replaced: "
-                "choose an empty --out"
-            )
+        listed = previous if "outputs" in previous else {"outputs": new_files}
+        ours = trusted_outputs(self.out_dir, listed, warn) if previous else set()
+        blocked = self._blocked(new_files, ours)
+        if blocked:
+            raise InputError(blocked)
+        if self.overlay is not None:
+            manifest = {**manifest, "overlay": overlay_record(self.overlay)}
         backup = self.out_dir / BACKUP_NAME
-        shutil.rmtree(backup, ignore_errors=True)
-        backup.mkdir()
-        atomic_write_json(backup / JOURNAL_NAME, new_files)
         moved_out: list[str] = []
         moved_in: list[str] = []
+        wrote_manifest = False
         try:
+            shutil.rmtree(backup, ignore_errors=True)
+            backup.mkdir()
+            # the journal says which files move in, and whether they have started to
+            atomic_write_json(backup / JOURNAL_NAME, {"moving": "out", "new_files": new_files})
             for name in [MANIFEST_NAME, *sorted(ours)]:  # the manifest first: not finished now
                 if (self.out_dir / name).is_file():
                     _move(self.out_dir / name, backup / name)
                     moved_out.append(name)
+            atomic_write_json(backup / JOURNAL_NAME, {"moving": "in", "new_files": new_files})
             for name in new_files:
                 _move(self.staging / name, self.out_dir / name)
                 moved_in.append(name)
-            if self._staged_video is not None and self.overlay is not None:
-                self.overlay.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(self._staged_video), str(self.overlay))
             atomic_write_json(self.out_dir / MANIFEST_NAME, {**manifest, "outputs": new_files})
+            wrote_manifest = True
+            if self._staged_video is not None and self._staged_video.is_file():
+                _place_overlay(self._staged_video, self.overlay)  # type: ignore[arg-type]
         except BaseException:
-            for name in moved_in:
-                with contextlib.suppress(OSError):
-                    (self.out_dir / name).unlink()
-            for name in moved_out:
-                with contextlib.suppress(OSError):
-                    _move(backup / name, self.out_dir / name)
-            shutil.rmtree(backup, ignore_errors=True)
+            with deferred_interrupts():  # a second Ctrl-C must not stop the rollback
+                if wrote_manifest and MANIFEST_NAME not in moved_out:
+                    (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+                for name in moved_in:
+                    with contextlib.suppress(OSError):
+                        (self.out_dir / name).unlink()
+                for name in moved_out:
+                    with contextlib.suppress(OSError):
+                        _move(backup / name, self.out_dir / name)
+                shutil.rmtree(backup, ignore_errors=True)
             raise
-        shutil.rmtree(backup, ignore_errors=True)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        _remove_empty_folders(self.out_dir, {name for name in ours if name not in new_files})
+        with deferred_interrupts():
+            shutil.rmtree(backup, ignore_errors=True)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            _remove_empty_folders(self.out_dir, {name for name in ours if name not in new_files})
+            self._release()
 
     def abort(self) -> None:
-        """Discard everything staged; remove ``out_dir`` too if this left it empty."""
-        self._close_video()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.out_dir.rmdir()  # only if it stayed empty
+        """Discard everything staged; remove ``out_dir`` too if this left it empty. Ctrl-C
+        cannot cut this short (it is delivered when the cleanup is done)."""
+        with deferred_interrupts():
+            with contextlib.suppress(Exception):  # a video that cannot be finished is dropped
+                self._close_video()
+            self._video = None
+            shutil.rmtree(self.staging, ignore_errors=True)
+            staged = self._staged_video
+            if staged is not None and self.staging not in staged.parents:
+                staged.unlink(missing_ok=True)  # the temporary overlay on another file system
+            self._release()
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only if it stayed empty
 
 
 def _move(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(source, target)
+
+
+def _place_overlay(staged: Path, overlay: Path) -> None:
+    """Rename the finished overlay over its destination (staged on its file system: never a
+    copy). Should the rename still cross devices (a bind mount), the copy goes to a temporary
+    file beside the destination first: the previous overlay stays if the copy fails."""
+    try:
+        os.replace(staged, overlay)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(overlay, suffix=overlay.suffix) as tmp:
+            shutil.copyfile(staged, tmp)
 
 
 def _remove_empty_folders(root: Path, removed: set[str]) -> None:

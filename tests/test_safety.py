@@ -137,7 +137,7 @@ def test_failed_commit_keeps_the_previous_result(user_data, tiny_weights, tmp_pa
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writers.shutil, "move", fail)  # the overlay move, mid-commit
+    monkeypatch.setattr(writers, "_place_overlay", fail)  # the overlay's rename, mid-commit
     overlay = tmp_path / "o.mp4"
     result = propagate(
         user_data["frames"], mask, out, tiny_weights, "--max-frames", "4", "--overlay", overlay

@@ -11,7 +11,7 @@ from dino_vos.cli.options import FiniteFloat, IntRange, overwrite_option
 from dino_vos.console import console
 from dino_vos.errors import InputError
 from dino_vos.limits import MAX_IMAGE_BATCH, MAX_WORKERS
-from dino_vos.outputs import check_out_dir
+from dino_vos.outputs import check_out_dir, locked_output_on_main_rank
 from dino_vos.pretrain.config import PRECISIONS, PRESETS, is_run_folder, resolve_config
 
 #: CLI flag -> config key.
@@ -75,9 +75,7 @@ FLAG_KEYS = {
     default=None,
     help="auto: fp32 on CPU; on CUDA fp16 for patch >= 16, bf16 (else fp32) below [default: auto].",
 )
-@click.option(
-    "--save-every", type=IntRange(min=0), default=None, help="Checkpoint every N steps."
-)
+@click.option("--save-every", type=IntRange(min=0), default=None, help="Checkpoint every N steps.")
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--max-minutes",
@@ -146,7 +144,8 @@ def pretrain(
     check_out_dir(out_dir, config.data.paths, overwrite, is_previous_result=is_run_folder)
     from dino_vos.pretrain.train import train  # torch: after the checks
 
-    train(config, out_dir, resume=resume)
+    with locked_output_on_main_rank(out_dir, inputs=config.data.paths):  # one run per folder
+        train(config, out_dir, resume=resume)
 
 
 @pretrain.command(name="plot")

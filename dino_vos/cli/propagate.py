@@ -20,7 +20,13 @@ from dino_vos.cli.options import (
 from dino_vos.console import console, progress_bar
 from dino_vos.defaults import DEMO_OUTPUTS, DEMO_SIZE
 from dino_vos.errors import DinoVosError
-from dino_vos.outputs import check_out_dir, check_outputs, foreign_entries, is_result_folder
+from dino_vos.outputs import (
+    check_out_dir,
+    check_outputs,
+    foreign_entries,
+    is_result_folder,
+    locked_output,
+)
 from dino_vos.spec import BackboneSpec, Direction, PropagationConfig, frames_covered
 
 
@@ -182,12 +188,6 @@ def demo(
     spec: BackboneSpec,
 ) -> None:
     """Run the main job offline: propagate a generated clip (or --video/--mask) and score it."""
-    from dataclasses import replace
-
-    from rich.table import Table
-
-    from dino_vos.registry import SHIPPED_BACKBONE, registered_backbone
-
     if (video is None) != (mask is None):
         raise DinoVosError("give --video and --mask together (or neither for the generated clip)")
     source, first_mask = None, None
@@ -199,12 +199,28 @@ def demo(
         first_mask = read_annotation(mask, source)
         require_objects(first_mask, mask)
     check_frames_fit(spec, source.frame_size if source is not None else DEMO_SIZE)
-    check_out_dir(
-        out_dir,
-        [path for path in (video, mask) if path is not None],
-        overwrite,
-        is_previous_result=is_previous_demo,
-    )
+    inputs = [path for path in (video, mask) if path is not None]
+    check_out_dir(out_dir, inputs, overwrite, is_previous_result=is_previous_demo)
+    with locked_output(out_dir, inputs=inputs):  # one run per folder
+        _run_demo(out_dir, spec, source, first_mask, video, seed, clip_style, overwrite)
+
+
+def _run_demo(
+    out_dir: Path,
+    spec: BackboneSpec,
+    source: Any,
+    first_mask: Any,
+    video: Path | None,
+    seed: int,
+    clip_style: str,
+    overwrite: bool,
+) -> None:
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from dino_vos.registry import SHIPPED_BACKBONE, registered_backbone
+
     what = f"{video}" if video is not None else f"a generated '{clip_style}' clip (seed {seed})"
     console.print(f"Demo: propagating the first mask of {what} into {out_dir}")
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]

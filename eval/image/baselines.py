@@ -24,6 +24,7 @@ from dino_vos.backbones import Backbone
 from dino_vos.console import console, progress_bar
 from dino_vos.defaults import KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.distributed import cleanup, init_distributed
+from dino_vos.errors import InputError
 from dino_vos.eval.image.features import FeatureSpec, cached_image_features
 from dino_vos.eval.image.imagefolder import ImageFolderSplit, check_sizes, load_imagefolder
 from dino_vos.eval.image.knn import knn_evaluate
@@ -34,6 +35,12 @@ from dino_vos.eval.image.linear import (
     train_linear_probe,
 )
 from dino_vos.eval.image.transfer import TransferConfig, train_transfer
+from dino_vos.outputs import (
+    check_not_an_input,
+    check_not_locked,
+    check_writable,
+    locked_output_on_main_rank,
+)
 from dino_vos.spec import BackboneSpec
 
 
@@ -113,26 +120,44 @@ def open_baseline_run(
     """
     resize_size = check_sizes(image_size, resize_size)
     train, val = load_imagefolder(train_dir, val_dir)
-    info = init_distributed(spec.device)
-    console.quiet = console.quiet or not info.is_main  # only rank 0 talks
-    try:
-        backbone = spec.build_backbone(announce=True)
-        yield BaselineRun(
-            backbone,
-            train,
-            val,
-            out_dir,
-            image_size,
-            resize_size,
-            batch_size,
-            workers,
-            cache_dir,
-            spec.seed,
-            info.rank,
-            info.world_size,
-        )
-    finally:
-        cleanup(info)
+    inputs = [train_dir, val_dir]
+    check_baseline_outputs(out_dir, cache_dir, inputs)
+    with locked_output_on_main_rank(out_dir, inputs=inputs):  # one run per folder
+        info = init_distributed(spec.device)
+        console.quiet = console.quiet or not info.is_main  # only rank 0 talks
+        try:
+            backbone = spec.build_backbone(announce=True)
+            yield BaselineRun(
+                backbone,
+                train,
+                val,
+                out_dir,
+                image_size,
+                resize_size,
+                batch_size,
+                workers,
+                cache_dir,
+                spec.seed,
+                info.rank,
+                info.world_size,
+            )
+        finally:
+            cleanup(info)
+
+
+def check_baseline_outputs(
+    out_dir: Path, cache_dir: Path | None, inputs: Sequence[str | Path]
+) -> None:
+    """The output rules (:mod:`dino_vos.outputs`) for ``--out`` and the feature cache: neither
+    is, lies inside or holds ``--train``/``--val``; both writable; ``--out`` not in use."""
+    check_not_an_input(out_dir, inputs, "--out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file: give a folder")
+    check_not_locked(out_dir)
+    check_writable(out_dir)
+    if cache_dir is not None:
+        check_not_an_input(cache_dir, inputs, "--cache-dir")
+        check_writable(cache_dir, "--cache-dir")
 
 
 def _epoch_printer(run: BaselineRun, progress: Progress, label: str = "epoch"):

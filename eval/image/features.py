@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from dino_vos.atomic import atomic_path
+from dino_vos.atomic import atomic_entry
 from dino_vos.backbones import Backbone, weights_fingerprint
 from dino_vos.console import console
 from dino_vos.distributed import gather_shards, shard_range, world_info
@@ -141,8 +141,9 @@ def extract_image_features(
 def write_safetensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> None:
-    """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
-    with atomic_path(path) as tmp:
+    """Write a safetensors file atomically (temporary file in the same folder, then rename),
+    under the entry's lock: runs that share a cache write an entry one at a time."""
+    with atomic_entry(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
 
 

@@ -24,10 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from dino_vos.atomic import atomic_write_json
+from dino_vos.atomic import atomic_entry, atomic_write_json
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.features import BackboneFeatures
-from dino_vos.masks import atomic_write_bytes
 from dino_vos.runner import feature_settings
 from dino_vos.sources import Frame
 
@@ -136,7 +135,8 @@ class FeatureCache:
         if not key_file.is_file():
             atomic_write_json(key_file, self.key)
         data = save_safetensors({TENSOR_NAME: features.cpu().contiguous()}, {"image": digest})
-        atomic_write_bytes(path, data)
+        with atomic_entry(path) as tmp:  # a temporary name, renamed, under the entry's lock
+            tmp.write_bytes(data)
 
     def __call__(self, frame: Frame) -> torch.Tensor:
         """(h, w, D) float32 features on the backbone's device (fp16-rounded)."""

@@ -150,10 +150,12 @@ class DavisJob:
 def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
     """Claim the report folder for ``job`` (:meth:`ResultFolder.claim`: the output rules, a
     ``running`` manifest, reports of other settings removed). Under torchrun, rank 0 claims and
-    the other ranks wait for its manifest before they write anything."""
+    the other ranks wait for its manifest before they write anything (scoring only writes
+    nothing before its reports, all written by rank 0 at the end: nothing to wait for)."""
     folder = job.result_folder()
     if launch_env()[0] != 0:
-        folder.wait_for_claim()
+        if not job.scoring_only:
+            folder.wait_for_claim()
         return
     folder.claim(
         dataset.inputs,
@@ -175,6 +177,18 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
     if rank > 0:
         console.quiet = True
     dataset = job.dataset()
+    folder = job.result_folder()
+    with folder.locked(dataset.inputs, job.overwrite, shared=job.scoring_only):  # one at a time
+        return _run_locked(job, dataset, features, rank, world)
+
+
+def _run_locked(
+    job: DavisJob,
+    dataset: DavisDataset,
+    features: BackboneFeatures | None,
+    rank: int,
+    world: int,
+) -> DavisRun | None:
     prepare_report_dir(job, dataset)
     out_dir = job.report_dir
     frames = sum(len(s.annotations) for s in dataset)
@@ -205,6 +219,8 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
     if run is None:
         return None
     payload = _payload(run, dataset, job, features, world)
+    if job.scoring_only:
+        job.result_folder().drop_other_reports()
     _write_outputs(out_dir, job.report_label, run, payload)
     folder = job.result_folder()
     folder.complete(folder.reports)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from dino_vos.atomic import atomic_write_bytes, atomic_write_json
 from dino_vos.console import console
 from dino_vos.errors import DinoVosError, InputError
-from dino_vos.outputs import listed_outputs, read_manifest
+from dino_vos.outputs import listed_outputs, locked_output_on_main_rank, read_manifest
 from dino_vos.result_folder import ResultFolder
 from dino_vos.spec import PropagationConfig
 
@@ -228,6 +228,17 @@ def run_sweep(job: SweepJob) -> list[SweepRow] | None:
     points = job.grid.points()
     jobs = [job.setting_job(point) for point in points]  # validates every setting up front
     rank, world = launch_env()
+    with locked_output_on_main_rank(job.out_dir):  # one sweep at a time in a folder
+        return _run_sweep(job, points, jobs, rank, world)
+
+
+def _run_sweep(
+    job: SweepJob,
+    points: Sequence[dict[str, Value]],
+    jobs: Sequence[DavisJob],
+    rank: int,
+    world: int,
+) -> list[SweepRow] | None:
     if world <= 1:
         return _run_settings(job, points, jobs, _prepare(job, jobs), rank)
     import torch.distributed as dist

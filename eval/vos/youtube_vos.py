@@ -192,11 +192,18 @@ def run_youtube_vos(job: YouTubeVOSJob) -> dict[str, Any] | None:
     gathers their statuses (the gather waits for every rank's masks), writes the zip and
     returns the summary (None on the other ranks).
     """
+    dataset = YouTubeVOSDataset(job.root, job.split, job.videos)
+    folder = job.result_folder()
+    with folder.locked(dataset.inputs, job.overwrite):  # one run per folder
+        return _run_locked(job, dataset, folder)
+
+
+def _run_locked(
+    job: YouTubeVOSJob, dataset: YouTubeVOSDataset, folder: ResultFolder
+) -> dict[str, Any] | None:
     from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
 
-    dataset = YouTubeVOSDataset(job.root, job.split, job.videos)
     videos = dataset.sequences
-    folder = job.result_folder()
     rank, world = launch_env()
     if rank == 0:
         folder.claim(dataset.inputs, job.overwrite, job.cache_dir)  # a stale zip is removed
