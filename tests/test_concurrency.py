@@ -189,7 +189,7 @@ def test_every_writing_command_is_refused_on_a_locked_folder(
 def test_cache_entries_are_written_under_a_temporary_name(tmp_path, tiny_weights, monkeypatch):
     """A reader never sees a half-written cache entry: it appears by a rename, and its lock
     file is gone afterwards."""
-    from dino_vos.eval import cache as cache_module
+    from dino_vos.eval.vos import cache as cache_module
     from dino_vos.features import BackboneFeatures
     from dino_vos.sources import Frame
 
