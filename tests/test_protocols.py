@@ -318,3 +318,28 @@ def test_eval_davis_does_not_reuse_dino_results_for_dinov3(tiny_weights, tmp_pat
     manifest = json.loads((out / "alpha" / "dino-vos.json").read_text())
     assert manifest["propagation"]["protocol"] == "dinov3"
     assert run("--protocol", "dinov3")["sequences"][0]["status"] == "skipped"
+
+
+def test_sweep_under_dinov3_keeps_the_protocol(tiny_weights, tmp_path):
+    from test_davis_eval import write_davis
+
+    root = write_davis(tmp_path / "davis", {"alpha": (2017, 2, 5, (48, 80))})
+
+    def run(out: Path, *extra: str) -> None:
+        args = ["eval", "davis", "--davis-root", str(root), "--weights", str(tiny_weights)]
+        args += ["--short-side", "64", "--device", "cpu", "--out", str(out), "--protocol"]
+        result = CliRunner().invoke(main, [*args, "dinov3", *extra])
+        assert result.exit_code == 0, result.output
+
+    run(tmp_path / "sweep", "--sweep", "topk=1,3")
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sweep["base_propagation"]["protocol"] == "dinov3"
+    run(tmp_path / "plain", "--topk", "3", "--cache", str(tmp_path / "cache"))
+    plain = json.loads((tmp_path / "plain" / "davis_results-val.json").read_text())
+    (row,) = [row for row in sweep["rows"] if row["topk"] == 3]
+    setting = json.loads(
+        (tmp_path / "sweep" / "settings" / row["tag"] / "davis_results-val.json").read_text()
+    )
+    assert setting["settings"]["propagation"] == plain["settings"]["propagation"]
+    assert setting["settings"]["resize"] == "ceil-64-bicubic-imagenet"
+    assert row["J&F-Mean"] == plain["global"]["J&F-Mean"]
