@@ -15,7 +15,7 @@ from dino_vos.backbones import Backbone
 from dino_vos.errors import DinoVosError, InputError
 from dino_vos.sources import Frame
 from dino_vos.spec import ResizeSpec
-from dino_vos.transforms import IMAGENET_MEAN, REFERENCE_VIDEO_STD, frame_to_tensor
+from dino_vos.transforms import FRAME_STDS, IMAGENET_MEAN, frame_to_tensor
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
@@ -47,7 +47,7 @@ class BackboneFeatures:
     where batching is not faster, :data:`CUDA_BATCH_SIZE` on CUDA). ``precision``: ``fp32``, or
     ``fp16``/``bf16`` autocast of the backbone (``fp16`` on CUDA only); features are returned
     in float32 either way, and propagation always runs in float32
-    (docs/protocol.md#frame-preprocessing).
+    (docs/protocol.md#frame-preprocessing). ``std`` None: that of ``resize.normalisation``.
     """
 
     def __init__(
@@ -55,13 +55,14 @@ class BackboneFeatures:
         backbone: Backbone,
         resize: ResizeSpec | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = REFERENCE_VIDEO_STD,
+        std: tuple[float, float, float] | None = None,
         batch_size: int | None = None,
         precision: Precision = "fp32",
     ) -> None:
         self.backbone = backbone
         self.resize = resize or ResizeSpec()
-        self.mean, self.std = mean, std
+        self.mean = mean
+        self.std = FRAME_STDS[self.resize.normalisation] if std is None else std
         self.patch_size = backbone.patch_size
         cuda = backbone.device.type == "cuda"
         self.batch_size = batch_size or (CUDA_BATCH_SIZE if cuda else 1)
@@ -78,7 +79,7 @@ class BackboneFeatures:
         """(3, H, W) float32 network input of an RGB uint8 image, on the CPU (pinned for a
         CUDA backbone, so the copy to the GPU can overlap)."""
         size = self.input_size(*image.shape[:2])
-        tensor = frame_to_tensor(image, size, self.mean, self.std)
+        tensor = frame_to_tensor(image, size, self.mean, self.std, self.resize.interpolation)
         return tensor.pin_memory() if self.backbone.device.type == "cuda" else tensor
 
     @torch.inference_mode()

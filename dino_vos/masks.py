@@ -136,6 +136,21 @@ def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.array(image.resize((size_hw[1], size_hw[0]), Image.NEAREST))
 
 
+def downsample_labels(labels: np.ndarray, size_hw: tuple[int, int], mode: str) -> np.ndarray:
+    """A label image at ``size_hw``, resized as a protocol says (docs/protocol.md#protocols):
+    ``pil-nearest`` (:func:`resize_labels`, the DINO reference) or ``nearest-exact`` (torch's
+    ``F.interpolate(mode="nearest-exact")`` of the float mask, the DINOv3 notebook)."""
+    if mode == "pil-nearest":
+        return resize_labels(labels, size_hw)
+    if mode != "nearest-exact":
+        raise ValueError(f"unknown mask downsampling {mode!r}")
+    import torch  # here only: reading and checking masks needs no torch
+
+    mask = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)).float()[None, None]
+    small = torch.nn.functional.interpolate(mask, tuple(size_hw), mode="nearest-exact")
+    return small[0, 0].to(torch.uint8).numpy()
+
+
 def encode_indexed_png(labels: np.ndarray) -> bytes:
     """PNG bytes of a (H, W) uint8 label image with the DAVIS palette."""
     image = Image.fromarray(labels.astype(np.uint8), mode="P")

@@ -27,8 +27,19 @@ import torch
 from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor, embed_frames
 from dino_vos.frame_store import FrameStore
-from dino_vos.masks import VOID_LABEL, ObjectIds, check_mask_size, resize_labels
-from dino_vos.propagation import LabelPropagator, labels_from_soft, labels_from_soft_guided
+from dino_vos.masks import (
+    VOID_LABEL,
+    ObjectIds,
+    check_mask_size,
+    downsample_labels,
+    resize_labels,
+)
+from dino_vos.propagation import (
+    LabelPropagator,
+    labels_from_soft,
+    labels_from_soft_guided,
+    labels_from_soft_nearest,
+)
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import DIRECTIONS, Direction, PropagationConfig
 
@@ -197,8 +208,12 @@ class VideoPropagator:
         object_ids = ObjectIds.from_mask(mask)
         input_h, input_w = self.features.input_size(*image_size)
         patch = self.features.patch_size
-        small = resize_labels(mask, (input_h // patch, input_w // patch))
+        small = self._grid_labels(mask, (input_h // patch, input_w // patch))
         return object_ids.one_hot(small), object_ids
+
+    def _grid_labels(self, mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """A label mask at the patch grid, resized as the protocol says."""
+        return downsample_labels(mask, grid, self.config.rules.mask_downsample)
 
     def labels(
         self,
@@ -208,19 +223,28 @@ class VideoPropagator:
         image: np.ndarray | None = None,
     ) -> np.ndarray:
         """Object ids (H, W) at the frame size from a (C, h, w) soft map (the reference's
-        upsampling, normalisation and argmax, then nearest resizing). With ``upsample="guided"``
-        the RGB frame ``image`` guides the upsampling (docs/protocol.md#refinements); the
-        reference path ignores it."""
+        upsampling, normalisation and argmax, then nearest resizing; the protocol's
+        normalisation, docs/protocol.md#protocols). With ``upsample="guided"`` the RGB frame
+        ``image`` guides the upsampling (docs/protocol.md#refinements); the reference path
+        ignores it. ``nearest`` upsamples straight to the frame size (DINOv3)."""
         patch = self.features.patch_size
+        normalisation = self.config.rules.soft_normalisation
         if self.config.upsample == "guided":
             if image is None:
                 raise InputError("guided upsampling needs the frame image")
             guide = guide_image(image, (soft.shape[1] * patch, soft.shape[2] * patch))
             channels = labels_from_soft_guided(
-                soft, patch, guide, self.config.guided_radius, self.config.guided_eps
+                soft,
+                patch,
+                guide,
+                self.config.guided_radius,
+                self.config.guided_eps,
+                normalisation=normalisation,
             )
+        elif self.config.upsample == "nearest":
+            channels = labels_from_soft_nearest(soft, size, normalisation)
         else:
-            channels = labels_from_soft(soft, patch)
+            channels = labels_from_soft(soft, patch, normalisation=normalisation)
         return resize_labels(object_ids.to_ids(channels.cpu().numpy()), size)
 
     def _embedded(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, torch.Tensor]]:
@@ -269,7 +293,7 @@ class VideoPropagator:
                     object_ids = ObjectIds((*object_ids.ids, *new))
                     engine.add_classes(len(new))
                 grid = features.shape[:2]
-                labels = object_ids.one_hot(resize_labels(ids, tuple(grid)))
+                labels = object_ids.one_hot(self._grid_labels(ids, tuple(grid)))
                 engine.add_reference(features, labels.to(features.device))
                 soft = None
             yield FrameResult(frame.index, frame.name, ids, soft, object_ids, frame.image)

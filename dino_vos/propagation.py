@@ -9,6 +9,9 @@ rows form one batched matrix product with constant strides. Each group then merg
 found into a running list of every target's best candidates; memory is bounded by
 ``max_chunk_bytes`` whatever the grid and the video length. When the window covers the whole
 grid, the candidates are all the context patches, compared in plain products.
+
+A protocol's circular neighbourhood (docs/protocol.md#dinov3-protocol) is the same square
+window with the candidates outside the circle masked: the engine and its speed are the same.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dino_vos.protocols import SoftNormalisation
 from dino_vos.spec import PropagationConfig
 
 # Candidates kept beyond the (k+1)-th in the running lists, so that ties with the k-th are
@@ -33,7 +37,9 @@ class _Geometry:
     """A patch grid and its window radii, clipped to the grid.
 
     ``windowed`` is False when every window covers the whole grid (no radius, or a radius at
-    least the grid's size): then the radii are 0 and nothing is padded.
+    least the grid's size; for a circle, at least its diagonal): then the radii are 0 and
+    nothing is padded. ``circle``: the radius of a circular neighbourhood (dy^2 + dx^2 <=
+    circle^2) inside the square window, None for the square window itself.
     """
 
     height: int
@@ -41,15 +47,27 @@ class _Geometry:
     radius_y: int
     radius_x: int
     windowed: bool
+    circle: int | None = None
 
     @classmethod
     def create(cls, height: int, width: int, config: PropagationConfig) -> _Geometry:
         radius = config.radius
         radius_y = height - 1 if radius is None else min(radius, height - 1)
         radius_x = width - 1 if radius is None else min(radius, width - 1)
-        if radius_y == height - 1 and radius_x == width - 1:
+        circle = radius if config.rules.neighbourhood == "circle" else None
+        covers = radius_y == height - 1 and radius_x == width - 1
+        if circle is not None and (height - 1) ** 2 + (width - 1) ** 2 <= circle**2:
+            circle = None  # the circle holds the whole grid
+        if covers and circle is None:
             return cls(height, width, 0, 0, False)
-        return cls(height, width, radius_y, radius_x, True)
+        return cls(height, width, radius_y, radius_x, True, circle)
+
+    def inside(self, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """Whether source offsets (dy, dx) from a target lie in its neighbourhood (offsets
+        within the square window are assumed)."""
+        if self.circle is None:
+            return torch.ones_like(dy, dtype=torch.bool)
+        return dy * dy + dx * dx <= self.circle**2
 
     @property
     def window(self) -> tuple[int, int]:
@@ -209,8 +227,9 @@ def _candidate_mask(
     t = torch.arange(rows + 2 * g.radius_y, device=device).view(-1, 1, 1, 1)
     y = torch.arange(rows, device=device).view(1, 1, -1, 1) + g.radius_y
     x = torch.arange(x0, x0 + cols, device=device).view(1, -1, 1, 1)
-    x = x + torch.arange(window_cols * frames, device=device) // frames - g.radius_x
-    return ((t - y).abs() <= g.radius_y) & (x >= 0) & (x < g.width)
+    dx = torch.arange(window_cols * frames, device=device) // frames - g.radius_x
+    x = x + dx
+    return ((t - y).abs() <= g.radius_y) & (x >= 0) & (x < g.width) & g.inside(t - y, dx)
 
 
 class LabelPropagator:
@@ -323,6 +342,8 @@ class LabelPropagator:
             votes = self._window_votes(target, buffer)
         else:
             votes = self._global_votes(target, buffer)
+        if self.config.rules.renormalise:
+            votes = _renormalised(votes)
         return votes.T.reshape(-1, height, width).contiguous()
 
     def _keep(self, candidates: int) -> tuple[int, int]:
@@ -360,6 +381,7 @@ class LabelPropagator:
                 source_x = x.unsqueeze(1) + every % line // frames - g.radius_x
                 outside = (source_y < 0) | (source_y >= height)
                 outside |= (source_x < 0) | (source_x >= width)
+                outside |= ~g.inside(source_y - y.unsqueeze(1), source_x - x.unsqueeze(1))
                 sims.masked_fill_(outside, -math.inf)
                 rows_labels = labels[buffer.label_rows(rows.unsqueeze(1), every.expand_as(sims))]
                 votes[rows] = self._dense_vote(sims, rows_labels, k)
@@ -515,6 +537,14 @@ class LabelPropagator:
         return torch.matmul(weights.unsqueeze(1), labels).squeeze(1)  # labels (B, L, C) or (L, C)
 
 
+def _renormalised(votes: torch.Tensor) -> torch.Tensor:
+    """Each (N, C) vote divided by its sum, as the DINOv3 notebook does ("should already sum
+    to 1, but just in case"); a vote of sum 0 (sources that all were void) stays 0
+    (docs/protocol.md#dinov3-protocol)."""
+    total = votes.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, votes / total, votes)
+
+
 def upsample_soft(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(C, h, w) soft map -> (C, h * p, w * p), bilinear as the reference does it
     (docs/protocol.md#propagation)."""
@@ -528,14 +558,45 @@ def upsample_soft(soft: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def labels_from_soft(
-    soft: torch.Tensor, patch_size: int, output_size: tuple[int, int] | None = None
+    soft: torch.Tensor,
+    patch_size: int,
+    output_size: tuple[int, int] | None = None,
+    normalisation: SoftNormalisation = "norm-mask",
 ) -> torch.Tensor:
     """Reference post-processing: bilinear upsampling by the patch size, per-channel min-max
     normalisation of channels whose max is positive, argmax. Returns (H', W') channel indices at
     ``h * patch_size`` x ``w * patch_size`` (resize to the frame size with nearest afterwards).
     """
     up = upsample_soft(soft, patch_size)
+    return normalised_argmax(up, normalisation)
+
+
+def labels_from_soft_nearest(
+    soft: torch.Tensor, size: tuple[int, int], normalisation: SoftNormalisation = "min-max"
+) -> torch.Tensor:
+    """DINOv3's post-processing (docs/protocol.md#dinov3-protocol): nearest upsampling of the
+    (C, h, w) soft map straight to ``size`` (the frame's), per-channel normalisation, argmax.
+    Returns (H, W) channel indices."""
+    up = F.interpolate(soft[None].float(), size=tuple(size), mode="nearest")[0]
+    return normalised_argmax(up, normalisation)
+
+
+def normalised_argmax(up: torch.Tensor, normalisation: SoftNormalisation) -> torch.Tensor:
+    """Channel indices (H, W) of upsampled (C, H, W) soft maps, normalised per channel as the
+    protocol says (``norm-mask``: DINO, ``min-max``: DINOv3)."""
+    if normalisation == "min-max":
+        return _min_max_argmax(up)
     return _normalised_argmax(up)
+
+
+def _min_max_argmax(up: torch.Tensor) -> torch.Tensor:
+    """Every channel to (x - min) / (max - min), a constant channel (0 / 0) to 0, then argmax
+    (DINOv3's ``postprocess_probs``, docs/protocol.md#dinov3-protocol)."""
+    flat = up.flatten(1)
+    low = flat.amin(dim=1).view(-1, 1, 1)
+    high = flat.amax(dim=1).view(-1, 1, 1)
+    normed = torch.nan_to_num((up - low) / (high - low), nan=0.0)
+    return torch.argmax(normed, dim=0)
 
 
 def _normalised_argmax(up: torch.Tensor) -> torch.Tensor:
@@ -584,6 +645,7 @@ def labels_from_soft_guided(
     guide: torch.Tensor,
     radius: int | None = None,
     eps: float = 1e-3,
+    normalisation: SoftNormalisation = "norm-mask",
 ) -> torch.Tensor:
     """:func:`labels_from_soft` with an edge-aware upsampling: the bilinearly upsampled soft
     map is guided-filtered with ``guide`` (H', W'), the grayscale frame in [0, 1] at
@@ -593,4 +655,4 @@ def labels_from_soft_guided(
     if tuple(guide.shape) != tuple(up.shape[1:]):
         raise ValueError(f"guide {tuple(guide.shape)} != upsampled map {tuple(up.shape[1:])}")
     filtered = guided_filter(guide.to(up.device), up, radius or patch_size, eps)
-    return _normalised_argmax(filtered)
+    return normalised_argmax(filtered, normalisation)

@@ -15,12 +15,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from dino_vos.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protocol
+
 if TYPE_CHECKING:
     from dino_vos.backbones import Backbone
     from dino_vos.features import BackboneFeatures
 
-ResizeRule = Literal["reference", "patch"]
-RESIZE_RULES: tuple[str, ...] = ("reference", "patch")
+ResizeRule = Literal["reference", "patch", "ceil"]
+RESIZE_RULES: tuple[str, ...] = ("reference", "patch", "ceil")
+#: Frame resampling: ``bilinear`` (OpenCV on the uint8 frame, the DINO reference) or
+#: ``bicubic`` (PIL on the uint8 frame, as torchvision's resize of a PIL image: DINOv3).
+Interpolation = Literal["bilinear", "bicubic"]
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+#: Normalisation constants of the frames: ``video`` (std 0.228 for red, the DINO video script)
+#: or ``imagenet`` (0.229), see docs/protocol.md#frame-preprocessing.
+Normalisation = Literal["video", "imagenet"]
+NORMALISATIONS: tuple[str, ...] = ("video", "imagenet")
 PosEmbedMode = Literal["auto", "reference", "timm"]
 #: ``auto``: each family's own rule (DINO formula, DINOv2's per model, DINOv3's RoPE);
 #: ``reference``/``timm`` force the DINO formula or timm's resize (docs/protocol.md#backbones).
@@ -63,7 +73,9 @@ def resized_frame_size(
     reference frame reader does; a side that is then not a multiple of ``patch_size`` (a short
     side of 180 at patch 8, any 64-multiple at patch 14) is rounded down to one. ``patch``:
     scale the short side to ``short_side`` (or keep the size when None) and round each side to
-    the nearest multiple of ``patch_size``.
+    the nearest multiple of ``patch_size``. ``ceil`` (DINOv3, docs/protocol.md#dinov3-protocol):
+    the short side ``short_side`` rounded up to a multiple of ``patch_size``, the long side
+    scaled by the same ratio and rounded up too.
     """
     if rule == "reference":
         target = short_side or min(height, width)
@@ -82,21 +94,59 @@ def resized_frame_size(
         out_h = round_to_patch(height * scale, patch_size, "nearest")
         out_w = round_to_patch(width * scale, patch_size, "nearest")
         return out_h, out_w
+    if rule == "ceil":
+        target = short_side or min(height, width)
+        if width > height:
+            out_h = math.ceil(target / patch_size) * patch_size
+            out_w = math.ceil(width * out_h / height / patch_size) * patch_size
+        else:
+            out_w = math.ceil(target / patch_size) * patch_size
+            out_h = math.ceil(height * out_w / width / patch_size) * patch_size
+        return out_h, out_w
     raise ValueError(f"unknown resize rule '{rule}': use one of {', '.join(RESIZE_RULES)}")
 
 
 @dataclass(frozen=True)
 class ResizeSpec:
-    """How frames are resized before the backbone."""
+    """How frames are resized and normalised before the backbone
+    (docs/protocol.md#frame-preprocessing)."""
 
     short_side: int | None = 480
     rule: ResizeRule = "reference"
+    interpolation: Interpolation = "bilinear"
+    normalisation: Normalisation = "video"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RESIZE_RULES:
+            raise ValueError(f"unknown resize rule {self.rule!r}: use {', '.join(RESIZE_RULES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}")
+
+    @classmethod
+    def for_protocol(
+        cls, name: str, short_side: int | None = None, rule: ResizeRule | None = None
+    ) -> ResizeSpec:
+        """The frame preprocessing of protocol ``name`` (docs/protocol.md#protocols); a given
+        ``short_side`` or ``rule`` overrides the protocol's."""
+        protocol = get_protocol(name)
+        return cls(
+            protocol.short_side if short_side is None else short_side,
+            protocol.resize_rule if rule is None else rule,  # type: ignore[arg-type]
+            protocol.interpolation,  # type: ignore[arg-type]
+            protocol.normalisation,  # type: ignore[arg-type]
+        )
 
     def size_for(self, height: int, width: int, patch_size: int) -> tuple[int, int]:
         return resized_frame_size(height, width, self.short_side, self.rule, patch_size)
 
     def key(self) -> str:
-        return f"{self.rule}-{self.short_side}"
+        """``rule-short_side``, then the interpolation and normalisation when they are not the
+        DINO reference's (so reference keys are those of earlier versions)."""
+        pairs = ((self.interpolation, "bilinear"), (self.normalisation, "video"))
+        extra = [value for value, reference in pairs if value != reference]
+        return "-".join([self.rule, str(self.short_side), *extra])
 
     def patch_note(self, patch_size: int) -> str | None:
         """What happens to a short side that is not a multiple of ``patch_size`` (None when it
@@ -174,9 +224,11 @@ class KeyframeSchedule:
         return ",".join(map(str, self.frames))
 
 
-#: How the soft label maps are brought to pixel resolution (docs/protocol.md#refinements).
-Upsample = Literal["bilinear", "guided"]
-UPSAMPLE_MODES: tuple[str, ...] = ("bilinear", "guided")
+#: How the soft label maps are brought to pixel resolution: ``bilinear`` by the patch size (DINO,
+#: docs/protocol.md#propagation), ``nearest`` to the frame size (DINOv3,
+#: docs/protocol.md#dinov3-protocol), ``guided`` (docs/protocol.md#refinements).
+Upsample = Literal["bilinear", "nearest", "guided"]
+UPSAMPLE_MODES: tuple[str, ...] = ("bilinear", "nearest", "guided")
 #: Named propagation settings (docs/protocol.md#refinements): dino is the reference protocol,
 #: crw the test setting of CRW (Jabri et al. 2020), vfs that of VFS (Xu & Wang 2021).
 PRESETS: dict[str, dict[str, float | int]] = {
@@ -190,9 +242,12 @@ PRESETS: dict[str, dict[str, float | int]] = {
 class PropagationConfig:
     """Parameters of label propagation (defaults: the DINO reference protocol).
 
-    ``upsample``: ``bilinear`` (reference) or ``guided`` (edge-aware, guided by the frame; with
-    ``guided_radius`` in pixels, None: the patch size, and ``guided_eps``), see
-    docs/protocol.md#refinements.
+    ``protocol``: the evaluation protocol whose algorithm switches apply (``rules``,
+    docs/protocol.md#protocols); its values of topk, context, radius, temperature and upsample
+    come with :meth:`for_protocol` (the field alone only selects the switches).
+    ``upsample``: ``bilinear`` (reference), ``nearest`` (DINOv3) or ``guided`` (edge-aware,
+    guided by the frame; with ``guided_radius`` in pixels, None: the patch size, and
+    ``guided_eps``), see docs/protocol.md#refinements.
     """
 
     topk: int = 5
@@ -204,6 +259,20 @@ class PropagationConfig:
     upsample: Upsample = "bilinear"
     guided_radius: int | None = None
     guided_eps: float = 1e-3
+    protocol: str = DEFAULT_PROTOCOL
+
+    @classmethod
+    def for_protocol(cls, name: str, **overrides: object) -> PropagationConfig:
+        """The config of protocol ``name``: its values (topk, context, radius, temperature,
+        upsample) with ``overrides`` on top (docs/protocol.md#protocols)."""
+        protocol = get_protocol(name)
+        values = {**protocol.propagation_values(), "upsample": protocol.upsample}
+        return cls(**{**values, **overrides, "protocol": name})  # type: ignore[arg-type]
+
+    @property
+    def rules(self) -> Protocol:
+        """The algorithm switches of :attr:`protocol`."""
+        return PROTOCOLS[self.protocol]
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> PropagationConfig:
@@ -229,14 +298,18 @@ class PropagationConfig:
             raise ValueError("guided_radius must be at least 1 (None: the patch size)")
         if not (math.isfinite(self.guided_eps) and self.guided_eps > 0):
             raise ValueError("guided_eps must be a positive, finite number")
+        get_protocol(self.protocol)  # ValueError naming the known protocols
 
     def to_dict(self) -> dict[str, float | int | str | None]:
-        """The fields; the upsampling ones only when not the reference ``bilinear``, so the
-        records (and reuse checks) of reference runs stay those of earlier versions."""
+        """The fields; the upsampling ones only when not the protocol's own upsampling, the
+        protocol only when not ``dino``, so the records (and reuse checks) of reference runs
+        stay those of earlier versions."""
         values = asdict(self)
-        if self.upsample == "bilinear":
+        if self.upsample == self.rules.upsample:
             for key in ("upsample", "guided_radius", "guided_eps"):
                 del values[key]
+        if self.protocol == DEFAULT_PROTOCOL:
+            del values["protocol"]
         return values
 
 

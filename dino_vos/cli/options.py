@@ -24,6 +24,7 @@ from dino_vos.limits import (
     MAX_WORKERS,
     check_frame_memory,
 )
+from dino_vos.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
@@ -188,7 +189,8 @@ def resize_options(func: Callable | None = None, *, short_side: int = 480) -> Ca
                 type=IntRange(min=8, max=MAX_SHORT_SIDE),
                 default=short_side,
                 show_default=True,
-                help="Short side of the network input in pixels.",
+                help="Short side of the network input in pixels (with --protocol: that "
+                "protocol's unless given, 960 for dinov3).",
             ),
             click.option(
                 "--resize-rule",
@@ -196,7 +198,9 @@ def resize_options(func: Callable | None = None, *, short_side: int = 480) -> Ca
                 default="reference",
                 show_default=True,
                 help="reference: short side N, long side floored to a multiple of 64 (DINO "
-                "protocol); patch: short side N, both sides rounded to a multiple of the patch.",
+                "protocol); patch: short side N, both sides rounded to a multiple of the patch; "
+                "ceil: both rounded up to a multiple of the patch (DINOv3 protocol) [with "
+                "--protocol: that protocol's unless given].",
             ),
         ],
     )
@@ -230,7 +234,16 @@ def with_backbone_spec(
     def wrapper(**kwargs: Any) -> Any:
         resize = ResizeSpec()
         if short_side is not None:
-            resize = ResizeSpec(kwargs.pop("short_side"), kwargs.pop("resize_rule"))
+            side, rule = kwargs.pop("short_side"), kwargs.pop("resize_rule")
+            protocol = _protocol_option()
+            if protocol is None:
+                resize = ResizeSpec(side, rule)
+            else:  # the protocol's frames; --short-side/--resize-rule given override them
+                resize = ResizeSpec.for_protocol(
+                    protocol,
+                    side if _given("short_side") else None,
+                    rule if _given("resize_rule") else None,
+                )
         values = {key: kwargs.pop(key) for key in _BACKBONE_KEYS}
         spec = BackboneSpec(
             name=values["backbone"],
@@ -303,23 +316,28 @@ def _given(name: str) -> bool:
     return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
+def _protocol_option() -> str | None:
+    """The --protocol of the running command (None: a command without that option)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.params.get("protocol")
+
+
 def propagation_options(func: Callable) -> Callable:
-    """--preset/--topk/--context/--radius/--temperature/--upsample (defaults: the DINO reference
-    protocol); the command receives them as one ``config=PropagationConfig``. A preset sets
-    top-k, context and temperature; those options given explicitly override it
-    (docs/protocol.md#refinements)."""
+    """--protocol/--preset/--topk/--context/--radius/--temperature/--upsample (defaults: the
+    DINO reference protocol); the command receives them as one ``config=PropagationConfig``.
+    The protocol gives every value (docs/protocol.md#protocols); a preset given explicitly sets
+    top-k, context and temperature (docs/protocol.md#refinements); options given explicitly
+    override both. --protocol also sets the frame preprocessing (see with_backbone_spec)."""
 
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
-        preset = kwargs.pop("preset")
-        values = {key: kwargs.pop(key) for key in ("topk", "context", "temperature")}
+        protocol, preset = kwargs.pop("protocol"), kwargs.pop("preset")
+        values = {key: kwargs.pop(key) for key in ("topk", "context", "radius", "temperature")}
+        values["upsample"] = kwargs.pop("upsample")
         overrides = {key: value for key, value in values.items() if _given(key)}
-        config = PropagationConfig.preset(
-            preset,
-            **overrides,
-            radius=kwargs.pop("radius"),
-            max_references=kwargs.pop("max_references"),
-            upsample=kwargs.pop("upsample"),
+        preset_values = PRESETS[preset] if _given("preset") else {}
+        config = PropagationConfig.for_protocol(
+            protocol, **{**preset_values, **overrides}, max_references=kwargs.pop("max_references")
         )
         return func(config=config, **kwargs)
 
@@ -327,38 +345,52 @@ def propagation_options(func: Callable) -> Callable:
         wrapper,
         [
             click.option(
+                "--protocol",
+                type=click.Choice(tuple(PROTOCOLS)),
+                default=DEFAULT_PROTOCOL,
+                show_default=True,
+                help="Evaluation protocol, each reproducing its paper's code: dino (480 px, "
+                "square window, temperature 0.1) or dinov3 (960 px rounded up to the patch, "
+                "bicubic, circular neighbourhood, temperature 0.2, nearest upsampling; "
+                "docs/protocol.md#dinov3-protocol). Explicit options override its values.",
+            ),
+            click.option(
                 "--preset",
                 type=click.Choice(tuple(PRESETS)),
                 default="dino",
                 show_default=True,
                 help="Propagation setting: dino (reference protocol: top-k 5, context 7, "
-                "temperature 0.1), crw (10, 20, 0.05), vfs (10, 20, 0.07). --topk, --context "
-                "and --temperature given explicitly override it.",
+                "temperature 0.1), crw (10, 20, 0.05), vfs (10, 20, 0.07); given, it overrides "
+                "the --protocol's values. --topk, --context and --temperature given explicitly "
+                "override it.",
             ),
             click.option(
                 "--topk",
                 type=PROPAGATION_TYPES["topk"],
                 default=_PROPAGATION_DEFAULTS.topk,
-                help="Neighbours kept jointly over the context frames [default: from --preset].",
+                help="Neighbours kept jointly over the context frames [default: from "
+                "--protocol/--preset].",
             ),
             click.option(
                 "--context",
                 type=PROPAGATION_TYPES["context"],
                 default=_PROPAGATION_DEFAULTS.context,
-                help="Recent frames used besides the first one [default: from --preset].",
+                help="Recent frames used besides the first one [default: from "
+                "--protocol/--preset].",
             ),
             click.option(
                 "--radius",
                 type=PROPAGATION_TYPES["radius"],
                 default=str(_PROPAGATION_DEFAULTS.radius),
-                show_default=True,
-                help="Square window half-size in patches; none: the whole frame.",
+                show_default=False,
+                help="Window half-size (dino: square, dinov3: circle radius) in patches; none: "
+                "the whole frame [default: from --protocol].",
             ),
             click.option(
                 "--temperature",
                 type=PROPAGATION_TYPES["temperature"],
                 default=_PROPAGATION_DEFAULTS.temperature,
-                help="Softmax temperature of the affinities [default: from --preset].",
+                help="Softmax temperature of the affinities [default: from --protocol/--preset].",
             ),
             click.option(
                 "--max-references",
@@ -371,10 +403,10 @@ def propagation_options(func: Callable) -> Callable:
             click.option(
                 "--upsample",
                 type=click.Choice(UPSAMPLE_MODES),
-                default="bilinear",
-                show_default=True,
-                help="Soft-map upsampling: bilinear (reference) or guided (edge-aware guided "
-                "filter with the frame as guide; beyond the reference protocol).",
+                default=None,
+                help="Soft-map upsampling: bilinear (by the patch size, dino), nearest (to the "
+                "frame size, dinov3) or guided (edge-aware guided filter with the frame as "
+                "guide; beyond the reference protocols) [default: from --protocol].",
             ),
         ],
     )

@@ -262,6 +262,7 @@ def _payload(
                 "resize": features.resize.key(),
                 "device": str(backbone.device),
                 "propagation": job.config.to_dict(),
+                "propagation_protocol": job.config.protocol,  # docs/protocol.md#protocols
                 "shift_ensemble": getattr(features, "shift_ensemble", 1),
                 "cache": str(job.cache_dir) if job.cache_dir else None,
             }
