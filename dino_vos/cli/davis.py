@@ -217,13 +217,12 @@ def _sweep_grid(tokens: list[str]) -> SweepGrid:
 
 
 def _check_inputs(davis_root: Path, results_dir: Path | None, out_dir: Path | None) -> None:
-    """The folders given exist and a mode is chosen (the job checks the rest)."""
+    """The DAVIS root exists and a mode is chosen (:meth:`DavisJob.check` checks the rest, mode
+    conflicts first, then the --results folder)."""
     if not davis_root.is_dir():
         raise InputError(
             f"DAVIS root not found: {davis_root} (give the folder holding JPEGImages/, "
             "Annotations/ and ImageSets/)"
         )
-    if results_dir is not None and not results_dir.is_dir():
-        raise InputError(f"results folder not found: {results_dir}")
     if results_dir is None and out_dir is None:
         raise InputError("give --out DIR to propagate and score, or --results DIR to only score")
