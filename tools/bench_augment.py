@@ -149,7 +149,7 @@ def _operations(frame: Path) -> dict[str, Any]:
     crop_theirs, ms_theirs = _timed(
         lambda: picture.crop(box).resize(size, Image.Resampling.BICUBIC)
     )
-    chw = torch.from_numpy(np.asarray(picture)).permute(2, 0, 1)
+    chw = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
     crop_box = (box[1], box[0], box[3] - box[1], box[2] - box[0])  # top, left, height, width
     crop_ours, ms_ours = _timed(lambda: augment.resized_crop(chw, crop_box, 224))
     rows = {
