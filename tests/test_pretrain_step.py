@@ -173,7 +173,7 @@ class Reference:
         self.teacher = {
             k: mom * self.teacher[k] + (1 - mom) * self.student[k] for k in self.student
         }
-        return float(loss)
+        return float(loss.detach())
 
     def _adamw(self, name: str, grad: torch.Tensor, values: dict[str, float]) -> None:
         """PyTorch AdamW defaults (betas 0.9/0.999, eps 1e-8); decay on >= 2-d non-bias tensors."""
