@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -145,6 +146,11 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+def loader_worker_init(_worker_id: int) -> None:
+    """One OpenCV thread per loader worker (the workers are the parallelism)."""
+    cv2.setNumThreads(1)
 
 
 def collate_crops(

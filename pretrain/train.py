@@ -50,7 +50,13 @@ from dino_vos.pretrain.config import (
     load_config_file,
     save_config,
 )
-from dino_vos.pretrain.data import EpochSampler, MultiCropDataset, collate_crops, scan_paths
+from dino_vos.pretrain.data import (
+    EpochSampler,
+    MultiCropDataset,
+    collate_crops,
+    loader_worker_init,
+    scan_paths,
+)
 from dino_vos.pretrain.loss import DINOLoss
 from dino_vos.pretrain.model import MultiCropWrapper, build_student_teacher, update_teacher
 from dino_vos.pretrain.schedules import cosine_schedule, teacher_temp_schedule
@@ -207,6 +213,7 @@ def _build_loader(
         pin_memory=info.device.type == "cuda",
         drop_last=True,
         collate_fn=collate_crops,
+        worker_init_fn=loader_worker_init,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(config.train.seed),
     )

@@ -173,7 +173,7 @@ class Reference:
         self.teacher = {
             k: mom * self.teacher[k] + (1 - mom) * self.student[k] for k in self.student
         }
-        return float(loss)
+        return float(loss.detach())
 
     def _adamw(self, name: str, grad: torch.Tensor, values: dict[str, float]) -> None:
         """PyTorch AdamW defaults (betas 0.9/0.999, eps 1e-8); decay on >= 2-d non-bias tensors."""
@@ -256,6 +256,9 @@ def test_trainer_steps_equal_the_reference_step(images, tmp_path, monkeypatch, u
         ],
     )
     records = run_trainer(config, tmp_path / "run", monkeypatch)
+    # Float32 rounding against float64; batch norm over 8-16 samples amplifies it (measured:
+    # 2.5e-6 and 2.4e-5, against steps of up to 8e-3 per parameter).
+    tolerance = 1e-4 if use_bn else 2e-5
     assert len(records) == STEPS + 1
     start = records[0]
     heads = config.student.kwargs["num_heads"]
@@ -277,7 +280,7 @@ def test_trainer_steps_equal_the_reference_step(images, tmp_path, monkeypatch, u
                 difference = (value.double() - getattr(ref, name)[key]).abs()
                 noisy = ref.noisy.get(key, torch.zeros_like(difference, dtype=torch.bool))
                 message = f"{name} {key} after step {index + 1}"
-                assert difference.where(~noisy, 0).max() < 2e-5, message
+                assert difference.where(~noisy, 0).max() < tolerance, message
                 assert difference.where(noisy, 0).max() < 2 * ref.lr_budget + 2e-5, message
     moved = max(
         (records[-1]["student"][k] - start["student"][k]).abs().max().item()

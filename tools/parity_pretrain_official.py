@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from official_dino import official_source  # tools/official_dino.py (the script's folder)
 
 from dino_vos.distributed import DistInfo
 from dino_vos.pretrain.config import resolve_config
@@ -41,24 +41,12 @@ CONFIGS = [
     ("vit_tiny16_bn", "vit_tiny_patch16_224", "vit_tiny", {"use_bn": True}, 0),
 ]
 BATCH = 2
+#: AdamW divides each gradient element by its own running scale, so where the gradient is ~0
+#: (exactly 0 in theory for the query bias, or a bias before batch norm) float rounding of the
+#: gradient becomes a step difference up to the lr. Elements whose official gradient ever fell
+#: below this are reported apart.
+NOISE_GRADIENT = 1e-6
 LR = 5e-4  # per step, whatever the batch (both sides get lr * 256 / batch as base lr)
-
-
-def official_source(path: Path, scratch: Path) -> Path:
-    """A folder with the official ``*.py`` files: ``path`` itself, or (a bare git dir) its HEAD's
-    top-level Python files written to ``scratch``."""
-    if (path / "main_dino.py").is_file():
-        return path
-    out = scratch / "dino"
-    out.mkdir()
-    git = ["git", f"--git-dir={path}"]
-    names = subprocess.run(
-        [*git, "ls-tree", "--name-only", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.split()
-    for name in (n for n in names if n.endswith(".py")):
-        text = subprocess.run([*git, "show", f"HEAD:{name}"], check=True, capture_output=True)
-        (out / name).write_bytes(text.stdout)
-    return out
 
 
 def _import_official(source: Path) -> SimpleNamespace:
@@ -204,16 +192,26 @@ def _one_config(
     official_params.append(_snapshot(student.module, teacher))
 
     rows = []
+    tiny = [torch.zeros_like(p, dtype=torch.bool) for p in trainer.student_module.parameters()]
     for index, crops in enumerate(batches):
         metrics = trainer._train_step(crops, trainer.schedules.at(index, 0))
-        theirs_s, theirs_t = official_params[index]
+        theirs_s, theirs_t, grads = official_params[index]
         student_diff = _diff_list(trainer.student_module, theirs_s)
+        tiny = [
+            t | ((g.abs() < NOISE_GRADIENT) & (g != 0)) for t, g in zip(tiny, grads, strict=True)
+        ]
+        conditioned = max(
+            (a.detach() - b).abs().where(~t, 0).max().item()
+            for a, b, t in zip(trainer.student_module.parameters(), theirs_s, tiny, strict=True)
+        )
         teacher_diff = _diff_list(trainer.teacher, theirs_t)
         rows.append(
             {
                 "step": index + 1,
                 "student_max_abs": student_diff[0],
                 "student_worst": student_diff[1],
+                "student_max_abs_gradient_above_1e-6": conditioned,
+                "student_elements_gradient_below_1e-6": int(sum(int(t.sum()) for t in tiny)),
                 "teacher_max_abs": teacher_diff[0],
                 "loss_abs": abs(metrics[0] - official_losses[index]),
             }
@@ -225,15 +223,19 @@ def _one_config(
         "head": head,
         "freeze_last_layer": freeze,
         "local_crops": local_crops,
+        "student_elements": sum(p.numel() for p in trainer.student_module.parameters()),
         "batch": BATCH,
         "steps": rows,
     }
 
 
 def _snapshot(student: torch.nn.Module, teacher: torch.nn.Module) -> list[list[torch.Tensor]]:
+    """Student and teacher parameters, and the student's gradients of the step (what AdamW
+    saw; zeros where there was none)."""
     return [
         [p.detach().clone() for p in student.parameters()],
         [p.detach().clone() for p in teacher.parameters()],
+        [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in student.parameters()],
     ]
 
 
