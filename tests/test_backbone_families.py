@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from dino_vos.attention import cls_attention
 from dino_vos.backbones import Backbone, load_backbone
@@ -277,3 +279,23 @@ def test_dinov3_commands_end_to_end(clip_dir, tmp_path):
         result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "masks").glob("*.png"))) == 6
+
+
+def test_dinov3_timm_file_equals_timms_forward(tmp_path):
+    """A timm DINOv3 file (Eva keys, no recorded architecture: the head count is a guess from
+    the width, said in a warning) equals timm's own forward of the same weights."""
+    torch.manual_seed(4)
+    kwargs = dict(depth=1, num_classes=0)
+    model = timm.create_model("vit_small_patch16_dinov3", **kwargs).eval()
+    for name, param in model.named_parameters():
+        if name.endswith(("gamma_1", "gamma_2")):
+            param.data.normal_(1.0, 0.2)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.warns(ArchitectureGuessWarning, match="assumed 6 heads for width 384"):
+        backbone = load_backbone(None, weights=path)
+    assert isinstance(backbone, Dinov3Backbone) and backbone.num_prefix_tokens == 5
+    images = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        expected = model.forward_features(images)[:, 5:].reshape(1, 3, 5, 384)
+        torch.testing.assert_close(backbone(images), expected)
