@@ -299,3 +299,31 @@ def test_dinov3_timm_file_equals_timms_forward(tmp_path):
     with torch.no_grad():
         expected = model.forward_features(images)[:, 5:].reshape(1, 3, 5, 384)
         torch.testing.assert_close(backbone(images), expected)
+
+
+def test_short_name_takes_the_release_file_from_torch_hubs_cache(tmp_path, monkeypatch):
+    """Offline, a short name whose official release file is in torch hub's cache loads it."""
+    from dino_vos import backbones, hub
+    from dino_vos.registry import RegisteredBackbone
+
+    state = _dinov3_state(torch.Generator().manual_seed(5))
+    release = tmp_path / "dinov3_tiny_pretrain_lvd1689m-00000000.pth"
+    torch.save(state, release)
+    entry = RegisteredBackbone(
+        "dinov3_tiny",
+        "a tiny DINOv3 for this test",
+        "vit_small_patch16_dinov3_qkvb.lvd1689m",
+        release.name,
+        timm_kwargs=(("embed_dim", DIM), ("depth", DEPTH), ("num_heads", HEADS)),
+    )
+    monkeypatch.setattr(backbones, "registered_backbone", lambda name: entry)
+    monkeypatch.setattr(hub, "hub_cached_file", lambda name: None)
+    monkeypatch.setattr(
+        hub, "torch_hub_file", lambda name: release if name == release.name else None
+    )
+    monkeypatch.setattr(hub, "online", lambda host="huggingface.co": False)
+    backbone = load_backbone("dinov3_tiny")
+    assert backbone.weights_id.startswith(f"file:{release.resolve()}")
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), _dinov3_forward(state, images)[0])
