@@ -14,15 +14,17 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dino_vos.arch import is_dinov3_layout
 from dino_vos.atomic import atomic_path
 from dino_vos.errors import BackboneError
+
+if TYPE_CHECKING:
+    from dino_vos.formats import CheckpointFormat
 
 ARCH_METADATA_KEY = "dino_vos_arch"
 #: The only non-builtin objects a checkpoint may hold: the training scripts of DINO
@@ -77,10 +79,6 @@ DROPPED_PREFIXES = (
 #: Masked-image-modelling tokens, used only in pretraining: iBOT's ``masked_embed`` and the MAE
 #: decoder's ``mask_token`` (DINOv2's ``mask_token`` is dropped by timm's DINOv2 conversion).
 DROPPED_KEYS = ("masked_embed",)
-#: The two networks of a MoCo v3 checkpoint (``state_dict`` with ``module.<network>.`` keys).
-MOCO_NETWORKS = ("base_encoder", "momentum_encoder")
-#: Training checkpoints with one entry per network.
-TRAINING_NETWORKS = ("teacher", "student")
 
 
 @dataclass
@@ -103,6 +101,7 @@ class BackboneWeights:
     arch_name: str | None = None
     dropped: list[str] = field(default_factory=list)
     num_heads: int | None = None
+    kind: CheckpointFormat | None = None
 
     @property
     def dinov2_layout(self) -> bool:
@@ -113,7 +112,7 @@ class BackboneWeights:
         """The modules dropped on purpose, e.g. ``['head', 'masked_embed']``."""
         groups = []
         for key in self.dropped:
-            parts = _strip(key, WRAPPER_PREFIXES).split(".")
+            parts = strip_prefixes(key, WRAPPER_PREFIXES).split(".")
             while len(parts) > 1 and parts[0] in (*NETWORK_PREFIXES_NAMES, self.network):
                 parts = parts[1:]
             groups.append(parts[0])
@@ -197,30 +196,7 @@ def _looks_like_torch_file(path: Path) -> bool:
         return handle.read(1) == b"\x80"  # the PROTO opcode that starts a pickle
 
 
-#: Width and head count fixed by an architecture name the original code records: ``args.arch``
-#: of DINO and iBOT (``deit_*`` in early DINO), DINOv2's ``student.arch``, MAE's ``args.model``.
-ARCH_NAMES: dict[str, tuple[int, int]] = {
-    "vit_tiny": (192, 3),
-    "vit_small": (384, 6),
-    "vit_base": (768, 12),
-    "vit_large": (1024, 16),
-    "vit_giant2": (1536, 24),
-    "deit_tiny": (192, 3),
-    "deit_small": (384, 6),
-    "mae_vit_base_patch16": (768, 12),
-    "mae_vit_large_patch16": (1024, 16),
-    "mae_vit_huge_patch14": (1280, 16),
-}
-#: MoCo v3's ``vits.py`` uses 12 heads for its ViT-S (head dim 32), unlike DINO.
-MOCO_V3_ARCH_NAMES: dict[str, tuple[int, int]] = {
-    "vit_small": (384, 12),
-    "vit_base": (768, 12),
-    "vit_large": (1024, 16),
-    "vit_huge": (1280, 16),
-}
-
-
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
         and len(obj) > 0
@@ -228,7 +204,7 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     """Remove any of ``prefixes`` from the start of ``key``, repeatedly."""
     changed = True
     while changed:
@@ -253,8 +229,8 @@ def clean_state_dict(
 
     Returns the backbone state dict and the (original) keys dropped on purpose.
     """
-    names = {key: _strip(key, WRAPPER_PREFIXES) for key in state}
-    mae = any(_strip(n, NETWORK_PREFIXES).startswith("decoder_") for n in names.values())
+    names = {key: strip_prefixes(key, WRAPPER_PREFIXES) for key in state}
+    mae = any(strip_prefixes(n, NETWORK_PREFIXES).startswith("decoder_") for n in names.values())
     cleaned: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in state.items():
@@ -264,7 +240,7 @@ def clean_state_dict(
                 dropped.append(key)  # the other network, the predictor
                 continue
             name = name[len(select) + 1 :]
-        name = _unchunk_blocks(_strip(name, WRAPPER_PREFIXES + NETWORK_PREFIXES))
+        name = _unchunk_blocks(strip_prefixes(name, WRAPPER_PREFIXES + NETWORK_PREFIXES))
         mae_mask_token = mae and name == "mask_token"
         if name.startswith(DROPPED_PREFIXES) or name in DROPPED_KEYS or mae_mask_token:
             dropped.append(key)
@@ -277,116 +253,26 @@ def clean_state_dict(
     return cleaned, dropped
 
 
-def _recorded_arch_name(content: Mapping[str, Any]) -> str | None:
-    """The architecture name the training script stored: ``args.arch`` (DINO, iBOT),
-    ``args.model`` (MAE) or a top-level ``arch`` string (MoCo v3)."""
-    args = content.get("args")
-    candidates = [content.get("arch")]
-    if args is not None:
-        for name in ("model", "arch"):
-            candidates.insert(
-                0, args.get(name) if isinstance(args, Mapping) else getattr(args, name, None)
-            )
-    return next((c for c in candidates if isinstance(c, str)), None)
-
-
-def _training_format(content: Mapping[str, Any], keys: list[str]) -> str:
-    if content.get("format") == "dino-vos-pretrain":
-        return "dino-vos pretraining checkpoint"
-    if "ibot_loss" in content:
-        return "iBOT training checkpoint"
-    if "dino_loss" in content:
-        return "DINO training checkpoint"
-    if "mask_token" in keys:
-        return "DINOv2 training checkpoint"
-    return "training checkpoint"
-
-
-def _recorded_heads(weights: BackboneWeights) -> int | None:
-    """Heads fixed by the recorded architecture name, when its width matches the weights."""
-    table = MOCO_V3_ARCH_NAMES if weights.format.startswith("MoCo") else ARCH_NAMES
-    known = table.get(weights.arch_name or "")
-    proj = weights.state.get("patch_embed.proj.weight")
-    if known is None or proj is None or int(proj.shape[0]) != known[0]:
-        return None
-    return known[1]
-
-
 def extract_backbone_weights(
     content: Mapping[str, Any], checkpoint_key: str | None = None, source: str = "checkpoint"
 ) -> BackboneWeights:
-    """Find the backbone state dict (and what the file records about it) inside a checkpoint.
+    """The backbone weights of a checkpoint's content, by the format table
+    (:func:`dino_vos.formats.extract_backbone_weights`)."""
+    from dino_vos.formats import extract_backbone_weights as extract
 
-    Accepts bare state dicts (DINO, DINOv2 and timm releases), ``teacher``/``student`` training
-    checkpoints (DINO, iBOT, DINOv2, dino-vos), MoCo v3's ``state_dict`` with ``base_encoder``
-    and ``momentum_encoder``, and ``state_dict``/``model`` wrappers (MAE, iBOT releases, timm
-    training). ``checkpoint_key`` picks the network: teacher by default, MoCo v3's
-    ``base_encoder`` by default, and an error when the file holds a single network.
-    """
-    recorded = content.get("arch") if isinstance(content.get("arch"), Mapping) else None
-    networks = [k for k in TRAINING_NETWORKS if _is_state_dict(content.get(k))]
-    network: str | None = None
-    fmt = "state dict"
-    if _is_state_dict(content):
-        raw: Mapping[str, torch.Tensor] = content
-    elif networks:
-        network = checkpoint_key or "teacher"
-        if network not in networks:
-            raise BackboneError(
-                f"{source} has no '{network}' entry (it has {', '.join(networks)}): "
-                f"use --checkpoint-key {networks[0]}"
-            )
-        raw = content[network]
-        fmt = _training_format(
-            content, [_strip(k, WRAPPER_PREFIXES + NETWORK_PREFIXES) for k in raw]
-        )
-    elif checkpoint_key in content and _is_state_dict(content.get(checkpoint_key)):
-        raw, network = content[checkpoint_key], checkpoint_key  # any entry, from the Python API
-    else:
-        wrapper = next(
-            (k for k in ("state_dict", "model", "backbone") if _is_state_dict(content.get(k))), None
-        )
-        if wrapper is None:
-            raise BackboneError(
-                f"{source} holds no backbone weights (keys: {', '.join(list(content)[:8])}); "
-                "expected a state dict, 'teacher'/'student' entries or a 'state_dict'/'model' entry"
-            )
-        raw, fmt = content[wrapper], f"state dict in '{wrapper}'"
-    stripped = [_strip(k, WRAPPER_PREFIXES) for k in raw]
-    moco = [n for n in MOCO_NETWORKS if any(k.startswith(n + ".") for k in stripped)]
-    if moco:
-        network = checkpoint_key or "base_encoder"
-        if network not in moco:
-            raise BackboneError(
-                f"{source} is a MoCo v3 checkpoint with {' and '.join(moco)}, not '{network}': "
-                f"use --checkpoint-key {' or '.join(moco)} (default base_encoder)"
-            )
-        fmt = "MoCo v3 checkpoint"
-    elif checkpoint_key is not None and network is None:
-        raise BackboneError(
-            f"{source} holds a single network ({fmt}), so --checkpoint-key {checkpoint_key} "
-            "does not apply: drop it"
-        )
-    state, dropped = clean_state_dict(raw, select=network if moco else None, source=source)
-    if not moco and any(_strip(k, NETWORK_PREFIXES).startswith("decoder_") for k in stripped):
-        fmt = "MAE checkpoint" if fmt.startswith("state dict") else fmt
-    elif "mask_token" in state:
-        dropped.append("mask_token")  # removed by timm's DINOv2 / DINOv3 conversion
-        family = "DINOv3" if is_dinov3_layout(state) else "DINOv2"
-        fmt = f"{family} state dict" if fmt == "state dict" else fmt
-    weights = BackboneWeights(state, fmt, network, recorded, _recorded_arch_name(content), dropped)
-    weights.num_heads = _recorded_heads(weights)
-    return weights
+    return extract(content, checkpoint_key, source)
 
 
 def load_backbone_weights(path: str | Path, checkpoint_key: str | None = None) -> BackboneWeights:
     """Read ``path`` and return its backbone weights (see :func:`extract_backbone_weights`)."""
+    from dino_vos.formats import STATE_DICT
+
     content, metadata = read_checkpoint(path)
     weights = extract_backbone_weights(content, checkpoint_key, source=str(path))
     if weights.arch is None and ARCH_METADATA_KEY in metadata:
         weights.arch = json.loads(metadata[ARCH_METADATA_KEY])
         weights.format = "dino-vos safetensors"
-    elif Path(path).suffix == ".safetensors" and weights.format == "state dict":
+    elif Path(path).suffix == ".safetensors" and weights.kind is STATE_DICT:
         weights.format = "safetensors state dict"
     return weights
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from dino_vos.attention import cls_attention
 from dino_vos.backbones import Backbone, load_backbone
@@ -277,3 +279,51 @@ def test_dinov3_commands_end_to_end(clip_dir, tmp_path):
         result = runner.invoke(main, args)
         assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "masks").glob("*.png"))) == 6
+
+
+def test_dinov3_timm_file_equals_timms_forward(tmp_path):
+    """A timm DINOv3 file (Eva keys, no recorded architecture: the head count is a guess from
+    the width, said in a warning) equals timm's own forward of the same weights."""
+    torch.manual_seed(4)
+    kwargs = dict(depth=1, num_classes=0)
+    model = timm.create_model("vit_small_patch16_dinov3", **kwargs).eval()
+    for name, param in model.named_parameters():
+        if name.endswith(("gamma_1", "gamma_2")):
+            param.data.normal_(1.0, 0.2)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.warns(ArchitectureGuessWarning, match="assumed 6 heads for width 384"):
+        backbone = load_backbone(None, weights=path)
+    assert isinstance(backbone, Dinov3Backbone) and backbone.num_prefix_tokens == 5
+    images = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        expected = model.forward_features(images)[:, 5:].reshape(1, 3, 5, 384)
+        torch.testing.assert_close(backbone(images), expected)
+
+
+def test_short_name_takes_the_release_file_from_torch_hubs_cache(tmp_path, monkeypatch):
+    """Offline, a short name whose official release file is in torch hub's cache loads it."""
+    from dino_vos import backbones, hub
+    from dino_vos.registry import RegisteredBackbone
+
+    state = _dinov3_state(torch.Generator().manual_seed(5))
+    release = tmp_path / "dinov3_tiny_pretrain_lvd1689m-00000000.pth"
+    torch.save(state, release)
+    entry = RegisteredBackbone(
+        "dinov3_tiny",
+        "a tiny DINOv3 for this test",
+        "vit_small_patch16_dinov3_qkvb.lvd1689m",
+        release.name,
+        timm_kwargs=(("embed_dim", DIM), ("depth", DEPTH), ("num_heads", HEADS)),
+    )
+    monkeypatch.setattr(backbones, "registered_backbone", lambda name: entry)
+    monkeypatch.setattr(hub, "hub_cached_file", lambda name: None)
+    monkeypatch.setattr(
+        hub, "torch_hub_file", lambda name: release if name == release.name else None
+    )
+    monkeypatch.setattr(hub, "online", lambda host="huggingface.co": False)
+    backbone = load_backbone("dinov3_tiny")
+    assert backbone.weights_id.startswith(f"file:{release.resolve()}")
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), _dinov3_forward(state, images)[0])
