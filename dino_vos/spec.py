@@ -19,7 +19,7 @@ from dino_vos.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protoc
 
 if TYPE_CHECKING:
     from dino_vos.backbones import Backbone
-    from dino_vos.features import BackboneFeatures
+    from dino_vos.features import BatchExtractor
 
 ResizeRule = Literal["reference", "patch", "ceil"]
 RESIZE_RULES: tuple[str, ...] = ("reference", "patch", "ceil")
@@ -410,7 +410,7 @@ class BackboneSpec:
                     )
         return backbone
 
-    def build(self, announce: bool = False) -> BackboneFeatures:
+    def build(self, announce: bool = False) -> BatchExtractor:
         """The backbone with this spec's frame resize: frames in, patch features out (shift
         ensembled when ``shift_ensemble`` > 1)."""
         from dino_vos.features import BackboneFeatures, ShiftEnsembleFeatures
@@ -421,12 +421,12 @@ class BackboneSpec:
             from dino_vos.console import console
 
             console.print(f"Note: {note}")
-        features = BackboneFeatures(
+        features: BatchExtractor = BackboneFeatures(
             backbone,
             self.resize,
             batch_size=self.batch_size,
             precision=self.precision,  # type: ignore[arg-type]
         )
         if self.shift_ensemble > 1:
-            return ShiftEnsembleFeatures(features, self.shift_ensemble)
+            features = ShiftEnsembleFeatures(features, self.shift_ensemble)
         return features

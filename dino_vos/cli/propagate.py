@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,21 +29,21 @@ from dino_vos.outputs import (
 )
 from dino_vos.spec import BackboneSpec, Direction, PropagationConfig, frames_covered
 
+if TYPE_CHECKING:  # torch loads only once the input is checked
+    from dino_vos.features import BatchExtractor
+
 
 def is_previous_demo(folder: Path) -> bool:
     """A folder that an earlier ``dino-vos demo`` wrote (and may write again)."""
     return is_result_folder(folder / "masks") and set(foreign_entries(folder)) <= DEMO_OUTPUTS
 
 
-def _run_metadata(features: Any) -> dict[str, Any]:
-    backbone = features.backbone
+def _run_metadata(features: BatchExtractor) -> dict[str, Any]:
+    """The features' settings record, with the weights' source and the batch size."""
     return {
-        "backbone": backbone.name,
-        "weights": backbone.weights_id,
-        "resize": features.resize.key(),
-        "precision": features.precision,
+        **features.settings(),
+        "weights": features.backbone.weights_id,
         "batch_size": features.batch_size,
-        "shift_ensemble": getattr(features, "shift_ensemble", 1),
     }
 
 

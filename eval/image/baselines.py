@@ -35,6 +35,7 @@ from dino_vos.eval.image.linear import (
     train_linear_probe,
 )
 from dino_vos.eval.image.transfer import TransferConfig, train_transfer
+from dino_vos.features import backbone_settings
 from dino_vos.outputs import (
     check_not_an_input,
     check_not_locked,
@@ -87,7 +88,7 @@ class BaselineRun:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "backbone": self.backbone.name,
+            **backbone_settings(self.backbone),
             "weights": self.backbone.weights_id,
             "patch_size": self.backbone.patch_size,
             "embed_dim": self.backbone.embed_dim,
