@@ -1,4 +1,5 @@
-"""``eval davis`` as a library call: :class:`DavisJob` in, reports on disk (rank 0)."""
+"""``eval davis`` as a library call: :class:`DavisJob` in, reports on disk (rank 0); the
+sequences themselves run in :mod:`.davis_sequences`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
 from dino_vos.errors import InputError
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
-from dino_vos.eval.vos.davis import DavisRun, evaluate_davis, shard_sequences
 from dino_vos.eval.vos.davis_data import DavisDataset
 from dino_vos.eval.vos.davis_report import (
     global_csv,
@@ -22,6 +22,7 @@ from dino_vos.eval.vos.davis_report import (
     print_tables,
     write_json,
 )
+from dino_vos.eval.vos.davis_sequences import DavisRun, evaluate_davis, shard_sequences
 from dino_vos.features import BatchExtractor
 from dino_vos.masks import atomic_write_bytes
 from dino_vos.result_folder import ResultFolder

@@ -1,4 +1,4 @@
-"""DAVIS benchmark runner: propagate every sequence with the engine, score it, merge the scores.
+"""DAVIS sequences: propagate every sequence with the engine, score it, merge the scores.
 
 - One sequence = :class:`dino_vos.runner.SequenceRunner` into ``OUT/<seq>/`` (propagated
   unless a finished result of the same settings is there), then J&F of its PNGs against the
@@ -28,7 +28,7 @@ from dino_vos.features import BatchExtractor
 from dino_vos.runner import RunOutcome, SequenceRunner, map_in_processes, report_frame
 
 if TYPE_CHECKING:
-    from dino_vos.eval.vos.davis_main import DavisJob
+    from dino_vos.eval.vos.davis_job import DavisJob
 
 
 @dataclass
