@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from queue import Full, Queue
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
@@ -14,11 +14,9 @@ import torch
 from dino_vos.backbones import Backbone, weights_fingerprint
 from dino_vos.errors import DinoVosError, InputError
 from dino_vos.sources import Frame
-from dino_vos.spec import ResizeSpec
+from dino_vos.spec import INFERENCE_PRECISIONS, Precision, ResizeSpec
 from dino_vos.transforms import FRAME_STDS, IMAGENET_MEAN, frame_to_tensor
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 #: Frames per backbone forward on CUDA (on CPU batching is not faster: 1, see README).
 CUDA_BATCH_SIZE = 8
 #: How far the decoding thread may run ahead of the backbone.
@@ -96,8 +94,10 @@ class BackboneFeatures:
         self.patch_size = backbone.patch_size
         cuda = backbone.device.type == "cuda"
         self.batch_size = batch_size or (CUDA_BATCH_SIZE if cuda else 1)
-        if precision not in PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if precision not in INFERENCE_PRECISIONS:
+            raise InputError(
+                f"unknown precision {precision!r}: use one of {', '.join(INFERENCE_PRECISIONS)}"
+            )
         if precision == "fp16" and not cuda:
             raise InputError("--precision fp16 needs a CUDA device: use fp32 (or bf16) on CPU")
         self.precision = precision
