@@ -15,12 +15,12 @@ from click.testing import CliRunner
 from conftest import requires_shared_data
 from safetensors import safe_open
 
-import dino_vos.eval.image.features as features_module
+import dino_vos.eval.image.image_features as features_module
 from dino_vos.backbones import Backbone, load_backbone, weights_fingerprint
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.cli import main
 from dino_vos.errors import InputError
-from dino_vos.eval.image.features import FeatureSpec, cached_image_features, image_features
+from dino_vos.eval.image.image_features import FeatureSpec, cached_image_features, image_features
 from dino_vos.eval.image.imagefolder import eval_transform, load_imagefolder, train_transform
 from dino_vos.eval.image.linear import (
     LinearClassifier,

@@ -25,7 +25,7 @@ from dino_vos.console import console, progress_bar
 from dino_vos.defaults import KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.distributed import cleanup, init_distributed
 from dino_vos.errors import InputError
-from dino_vos.eval.image.features import FeatureSpec, cached_image_features
+from dino_vos.eval.image.image_features import FeatureSpec, cached_image_features
 from dino_vos.eval.image.imagefolder import ImageFolderSplit, check_sizes, load_imagefolder
 from dino_vos.eval.image.knn import knn_evaluate
 from dino_vos.eval.image.linear import (

@@ -1,4 +1,5 @@
-"""Image features of a frozen backbone for the image baselines (k-NN, linear probe, transfer).
+"""Image features (one vector per image) of a frozen backbone for the image baselines (k-NN,
+linear probe, transfer); the patch features of frames are :mod:`dino_vos.features`.
 
 One extraction path for the three baselines: the evaluation transform of
 ``docs/protocol.md#image-baselines``, a sharded extraction under ``torchrun`` (each rank one
