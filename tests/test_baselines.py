@@ -277,7 +277,7 @@ def test_layerwise_learning_rates(backbone: Backbone):
 
 def run_cli(command: str, train: Path, val: Path, out: Path, weights: Path, *extra: str):
     args = ["eval", command, "--train", str(train), "--val", str(val), "--out", str(out)]
-    args += ["--weights", str(weights), "--image-size", str(IMAGE_SIZE), "--workers", "0"]
+    args += ["--weights", str(weights), "--image-size", str(IMAGE_SIZE), "--decode-workers", "0"]
     return CliRunner().invoke(main, [*args, "--device", "cpu", *extra])
 
 
@@ -319,6 +319,22 @@ def test_cli_rejects_bad_options(tmp_path: Path, dataset: Path, weights: Path):
     assert result.exit_code == 2 and "--n-last-blocks 5" in result.output
     result = run_cli("knn", train, val, out, weights, "--resize-size", "16")
     assert result.exit_code == 2 and "--resize-size 16" in result.output
+
+
+def test_cli_old_option_spellings_still_work_with_one_warning(
+    tmp_path: Path, dataset: Path, weights: Path
+):
+    train, val, out, cache = dataset / "train", dataset / "val", tmp_path / "out", tmp_path / "c"
+    result = run_cli("knn", train, val, out, weights, "--cache-dir", str(cache), "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not (out / "features").exists()
+    warnings = [line for line in result.output.splitlines() if "deprecated" in line]
+    assert sorted(warnings) == [
+        "Warning: --cache-dir is deprecated: use --cache",
+        "Warning: --workers is deprecated: use --decode-workers",
+    ]
+    help_text = CliRunner().invoke(main, ["eval", "knn", "--help"]).output
+    assert "--cache-dir" not in help_text and "--decode-workers" in help_text
 
 
 # --------------------------------------------------------------------------- DAVIS tool

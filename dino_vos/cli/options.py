@@ -435,6 +435,26 @@ batch_option = click.option(
 )
 
 
+def deprecated_alias(old: str, new: str, dest: str, **option: Any) -> Callable:
+    """Keep ``old`` as a hidden spelling of option ``new`` (parameter ``dest``): it still works,
+    with one warning line."""
+    hidden = f"deprecated_{dest}"
+
+    def decorate(func: Callable) -> Callable:
+        @click.option(old, hidden, hidden=True, default=None, **option)
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(hidden)
+            if value is not None:
+                console.print(f"[yellow]Warning:[/yellow] {old} is deprecated: use {new}")
+                kwargs[dest] = value
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 #: --cache: the feature cache of the benchmark commands (eval davis, eval youtube-vos).
 cache_option = click.option(
     "--cache",

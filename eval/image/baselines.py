@@ -157,8 +157,8 @@ def check_baseline_outputs(
     check_not_locked(out_dir)
     check_writable(out_dir)
     if cache_dir is not None:
-        check_not_an_input(cache_dir, inputs, "--cache-dir")
-        check_writable(cache_dir, "--cache-dir")
+        check_not_an_input(cache_dir, inputs, "--cache")
+        check_writable(cache_dir, "--cache")
 
 
 def _epoch_printer(run: BaselineRun, progress: Progress, label: str = "epoch"):
