@@ -99,7 +99,7 @@ class BackboneFeatures:
                 f"unknown precision {precision!r}: use one of {', '.join(INFERENCE_PRECISIONS)}"
             )
         if precision == "fp16" and not cuda:
-            raise InputError("--precision fp16 needs a CUDA device: use fp32 (or bf16) on CPU")
+            raise InputError("precision fp16 needs a CUDA device: use fp32 (or bf16) on CPU")
         self.precision = precision
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
@@ -159,7 +159,7 @@ class ShiftEnsembleFeatures:
 
     def __init__(self, base: BatchExtractor, n: int) -> None:
         if n < 1:
-            raise InputError(f"--shift-ensemble must be 1 or more, not {n}")
+            raise InputError(f"shift ensemble n must be 1 or more, not {n}")
         self.base = base
         self.shift_ensemble = n
 
