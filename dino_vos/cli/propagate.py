@@ -38,6 +38,15 @@ def is_previous_demo(folder: Path) -> bool:
     return is_result_folder(folder / "masks") and set(foreign_entries(folder)) <= DEMO_OUTPUTS
 
 
+def parse_mask_entry(entry: str) -> tuple[str | None, Path]:
+    """A ``--mask`` value: ``FILE`` -> (None, FILE) (the first frame); ``FRAME=FILE`` -> (FRAME,
+    FILE). An existing file whose name holds ``=`` is a file."""
+    frame, sep, file = entry.partition("=")
+    if sep and not Path(entry).exists():
+        return frame, Path(file)
+    return None, Path(entry)
+
+
 def _run_metadata(features: BatchExtractor) -> dict[str, Any]:
     """The features' settings record, with the weights' source and the batch size."""
     return {
@@ -100,15 +109,16 @@ def propagate(
     The first annotated frame starts the run (the last one with --direction backward); masks
     on other frames are keyframes.
     """
-    from dino_vos.masks import parse_mask_entry, read_keyframes
+    from dino_vos.masks import read_keyframes
     from dino_vos.sources import open_source
 
     if not masks and masks_dir is None:
         raise click.UsageError("give the first frame's annotation: --mask FILE (or --masks DIR)")
     source = open_source(input_path, limit=max_frames)  # input checks first, without torch
-    keyframes = read_keyframes(source, masks, masks_dir, limited=max_frames is not None)
+    given = [parse_mask_entry(entry) for entry in masks]
+    keyframes = read_keyframes(source, given, masks_dir, limited=max_frames is not None)
     check_frames_fit(spec, source.frame_size)
-    mask_files = [parse_mask_entry(entry)[1] for entry in masks]
+    mask_files = [file for _, file in given]
     inputs = [input_path, *mask_files, *([masks_dir] if masks_dir else [])]
     check_outputs(out_dir, overlay, inputs, overwrite)
 
