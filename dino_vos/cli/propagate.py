@@ -236,7 +236,7 @@ def _run_demo(
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
     if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
         spec = replace(spec, name=SHIPPED_BACKBONE)
-    from dino_vos.demo import run_demo  # torch: after the checks
+    from dino_vos.eval.demo import run_demo  # torch: after the checks
 
     features = spec.build(announce=True)
     with progress_bar("frames") as progress:
