@@ -28,7 +28,7 @@ from dino_vos.backbones import Backbone
 from dino_vos.defaults import ATTENTION_THRESHOLD, COLORMAPS
 from dino_vos.errors import InputError
 from dino_vos.export import extraction_metadata, iter_batches
-from dino_vos.features import BackboneFeatures
+from dino_vos.features import BatchExtractor
 from dino_vos.sources import Frame, FrameSource
 from dino_vos.writers import OutputSink
 
@@ -244,7 +244,7 @@ class AttentionWriter:
 def export_attention(
     source: FrameSource,
     out_dir: str | Path,
-    features: BackboneFeatures,
+    features: BatchExtractor,
     threshold: float | None = None,
     save_raw: bool = False,
     save_montage: bool = False,

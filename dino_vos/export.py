@@ -37,7 +37,7 @@ from safetensors.torch import save as save_safetensors
 
 from dino_vos import __version__
 from dino_vos.errors import InputError
-from dino_vos.features import BackboneFeatures
+from dino_vos.features import BatchExtractor
 from dino_vos.outputs import MANIFEST_NAME, read_manifest
 from dino_vos.sources import Frame, FrameSource
 from dino_vos.writers import OutputSink
@@ -73,7 +73,7 @@ def cls_name(layer: int) -> str:
 
 
 def iter_batches(
-    frames: Iterable[Frame], features: BackboneFeatures, batch_size: int = 1
+    frames: Iterable[Frame], features: BatchExtractor, batch_size: int = 1
 ) -> Iterator[tuple[list[Frame], torch.Tensor]]:
     """Preprocessed frames in batches of ``batch_size`` (a new batch when the size changes)."""
     pending: list[Frame] = []
@@ -89,22 +89,20 @@ def iter_batches(
         yield pending, torch.stack(tensors).to(features.backbone.device)
 
 
-def extraction_metadata(features: BackboneFeatures, frame_size: Sequence[int]) -> dict[str, Any]:
-    """Backbone, weights, sizes, patch grid, resize rule and normalisation of an extraction."""
+def extraction_metadata(features: BatchExtractor, frame_size: Sequence[int]) -> dict[str, Any]:
+    """The features' settings record with the weights' source, sizes and patch grid; ``resize``
+    is spelled out (rule, short side) to map a patch back to frame pixels."""
     backbone, resize = features.backbone, features.resize
     input_size = features.input_size(*frame_size)
     return {
         "dino_vos": __version__,
-        "backbone": backbone.name,
+        **features.settings(),
         "weights": backbone.weights_id,
-        "pos_embed": backbone.pos_embed_mode,
         "patch_size": backbone.patch_size,
         "frame_size": list(frame_size),
         "input_size": list(input_size),
         "grid": list(backbone.grid_size(*input_size)),
         "resize": {"rule": resize.rule, "short_side": resize.short_side},
-        "mean": list(features.mean),
-        "std": list(features.std),
     }
 
 
@@ -129,7 +127,7 @@ class FeatureExporter:
 
     def __init__(
         self,
-        features: BackboneFeatures,
+        features: BatchExtractor,
         layers: Sequence[int] | None = None,
         norm: bool = True,
         dtype: FeatureDtype = "fp32",
@@ -184,7 +182,7 @@ class FeatureExporter:
 
 def extract_features(
     frames: Iterable[Frame] | Iterable[np.ndarray],
-    features: BackboneFeatures,
+    features: BatchExtractor,
     layers: Sequence[int] | None = None,
     norm: bool = True,
     dtype: FeatureDtype = "fp32",

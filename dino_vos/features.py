@@ -6,23 +6,23 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from queue import Full, Queue
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 
-from dino_vos.backbones import Backbone
+from dino_vos.backbones import Backbone, weights_fingerprint
 from dino_vos.errors import DinoVosError, InputError
 from dino_vos.sources import Frame
-from dino_vos.spec import ResizeSpec
+from dino_vos.spec import INFERENCE_PRECISIONS, Precision, ResizeSpec
 from dino_vos.transforms import FRAME_STDS, IMAGENET_MEAN, frame_to_tensor
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 #: Frames per backbone forward on CUDA (on CPU batching is not faster: 1, see README).
 CUDA_BATCH_SIZE = 8
 #: How far the decoding thread may run ahead of the backbone.
 PREFETCH_FRAMES = 4
+#: Version of the :meth:`BackboneFeatures.settings` record (bump when its entries change).
+SETTINGS_VERSION = 1
 T = TypeVar("T")
 
 
@@ -38,6 +38,34 @@ class FeatureExtractor(Protocol):
     def input_size(self, height: int, width: int) -> tuple[int, int]: ...
 
     def __call__(self, frame: Frame) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class BatchExtractor(FeatureExtractor, Protocol):
+    """A :class:`FeatureExtractor` of a backbone that :func:`embed_frames` feeds in batches:
+    ``preprocess`` runs in the decoding thread, ``embed`` on ``batch_size`` inputs at a time,
+    and ``settings`` is the record of what makes its features (manifests, cache keys, exports).
+    """
+
+    backbone: Backbone
+    resize: ResizeSpec
+    batch_size: int
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor: ...
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def settings(self, fingerprint: str | None = None) -> dict[str, Any]: ...
+
+
+def backbone_settings(backbone: Backbone, fingerprint: str | None = None) -> dict[str, Any]:
+    """The backbone's part of a settings record: name, weights content hash (``fingerprint``,
+    computed when None), position-embedding mode."""
+    return {
+        "backbone": backbone.name,
+        "weights_fingerprint": fingerprint or weights_fingerprint(backbone),
+        "pos_embed": backbone.pos_embed_mode,
+    }
 
 
 class BackboneFeatures:
@@ -66,10 +94,12 @@ class BackboneFeatures:
         self.patch_size = backbone.patch_size
         cuda = backbone.device.type == "cuda"
         self.batch_size = batch_size or (CUDA_BATCH_SIZE if cuda else 1)
-        if precision not in PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if precision not in INFERENCE_PRECISIONS:
+            raise InputError(
+                f"unknown precision {precision!r}: use one of {', '.join(INFERENCE_PRECISIONS)}"
+            )
         if precision == "fp16" and not cuda:
-            raise InputError("--precision fp16 needs a CUDA device: use fp32 (or bf16) on CPU")
+            raise InputError("precision fp16 needs a CUDA device: use fp32 (or bf16) on CPU")
         self.precision = precision
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
@@ -100,8 +130,21 @@ class BackboneFeatures:
     def __call__(self, frame: Frame) -> torch.Tensor:
         return self.extract(frame.image)
 
+    def settings(self, fingerprint: str | None = None) -> dict[str, Any]:
+        """The one record of what makes these features (``fingerprint``: the weights hash, when
+        known): result manifests, feature caches and exports all use it."""
+        return {
+            "settings_version": SETTINGS_VERSION,
+            **backbone_settings(self.backbone, fingerprint),
+            "resize": self.resize.key(),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "precision": self.precision,
+            "shift_ensemble": 1,
+        }
 
-class ShiftEnsembleFeatures(BackboneFeatures):
+
+class ShiftEnsembleFeatures:
     """Patch features averaged over ``n`` x ``n`` sub-patch shifts of the input
     (docs/protocol.md#refinements).
 
@@ -110,14 +153,40 @@ class ShiftEnsembleFeatures(BackboneFeatures):
     shifted input is centred dy/p, dx/p patches below/right of patch (y, x) of the frame. Each
     shifted grid is resampled bilinearly back onto the frame's patch centres (edge rows and
     columns replicated), then the n^2 grids are averaged: n^2 forwards per frame. ``n`` = 1 is
-    :class:`BackboneFeatures` exactly. Works in :func:`embed_frames` batches like its base.
+    :class:`BackboneFeatures` exactly. A wrapper of any :class:`BatchExtractor` (``base``),
+    batched by :func:`embed_frames` like it.
     """
 
-    def __init__(self, base: BackboneFeatures, n: int) -> None:
+    def __init__(self, base: BatchExtractor, n: int) -> None:
         if n < 1:
-            raise InputError(f"--shift-ensemble must be 1 or more, not {n}")
-        self.__dict__.update(base.__dict__)
+            raise InputError(f"shift ensemble n must be 1 or more, not {n}")
+        self.base = base
         self.shift_ensemble = n
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.base.backbone
+
+    @property
+    def resize(self) -> ResizeSpec:
+        return self.base.resize
+
+    @property
+    def patch_size(self) -> int:
+        return self.base.patch_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.base.batch_size
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.base.input_size(height, width)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        return self.base.preprocess(image)
+
+    def settings(self, fingerprint: str | None = None) -> dict[str, Any]:
+        return {**self.base.settings(fingerprint), "shift_ensemble": self.shift_ensemble}
 
     def shifts(self) -> list[tuple[int, int]]:
         """The (dy, dx) pixel shifts, (0, 0) first."""
@@ -136,12 +205,15 @@ class ShiftEnsembleFeatures(BackboneFeatures):
             if dy or dx:
                 cropped = batch[:, :, dy:, dx:]
                 shifted = torch.nn.functional.pad(cropped, (0, dx, 0, dy), mode="replicate")
-            grid = super().embed(shifted)
+            grid = self.base.embed(shifted)
             grid = _shift_back(grid, dy / self.patch_size, dim=1)
             grid = _shift_back(grid, dx / self.patch_size, dim=2)
             total = grid if total is None else total + grid
         assert total is not None
         return total / len(shifts)
+
+    def __call__(self, frame: Frame) -> torch.Tensor:
+        return self.embed(self.preprocess(frame.image)[None])[0]
 
 
 def _shift_back(grid: torch.Tensor, shift: float, dim: int) -> torch.Tensor:
@@ -158,13 +230,13 @@ def embed_frames(
 ) -> Iterator[tuple[Frame, torch.Tensor]]:
     """Each frame with its (h, w, D) features, in order.
 
-    A background thread decodes the frames (and, for a :class:`BackboneFeatures`, resizes and
+    A background thread decodes the frames (and, for a :class:`BatchExtractor`, resizes and
     normalises them) at most ``prefetch`` frames ahead, so the backbone does not wait for the
-    decoder; a :class:`BackboneFeatures` then embeds them ``batch_size`` at a time (frames of
+    decoder; a :class:`BatchExtractor` then embeds them ``batch_size`` at a time (frames of
     one size per batch). Other extractors (a feature cache, test doubles) get one frame per
     call.
     """
-    if not isinstance(extractor, BackboneFeatures):
+    if not isinstance(extractor, BatchExtractor):
         for frame in prefetched(frames, prefetch):
             yield frame, extractor(frame)
         return
@@ -183,7 +255,7 @@ def embed_frames(
 
 
 def _prepared_frames(
-    extractor: BackboneFeatures, frames: Iterable[Frame]
+    extractor: BatchExtractor, frames: Iterable[Frame]
 ) -> Iterator[tuple[Frame, torch.Tensor]]:
     """Each frame with its network input; a failure names the frame."""
     for frame in frames:
@@ -214,7 +286,7 @@ _LIVE_THREADS: dict[threading.Thread, threading.Event] = {}
 
 
 def _embed_batch(
-    extractor: BackboneFeatures, items: list[tuple[Frame, torch.Tensor]]
+    extractor: BatchExtractor, items: list[tuple[Frame, torch.Tensor]]
 ) -> Iterator[tuple[Frame, torch.Tensor]]:
     if not items:
         return

@@ -210,16 +210,6 @@ def frame_index(source: FrameSource, frame: str) -> int:
     return index
 
 
-def parse_mask_entry(entry: str | Path) -> tuple[str | None, Path]:
-    """``FILE`` -> (None, FILE) (the first frame); ``FRAME=FILE`` -> (FRAME, FILE). An existing
-    file whose name holds ``=`` is a file."""
-    text = str(entry)
-    frame, sep, file = text.partition("=")
-    if sep and not Path(text).exists():
-        return frame, Path(file)
-    return None, Path(text)
-
-
 def nearest_names(name: str, names: Sequence[str], count: int = 3) -> list[str]:
     """Up to ``count`` of ``names`` closest to ``name``: by number when both are numbers (frame
     ``0003`` -> ``00003``), else by spelling."""
@@ -230,23 +220,22 @@ def nearest_names(name: str, names: Sequence[str], count: int = 3) -> list[str]:
 
 def read_keyframes(
     source: FrameSource,
-    masks: Sequence[str | Path] = (),
+    masks: Sequence[tuple[str | None, str | Path]] = (),
     masks_dir: str | Path | None = None,
     limited: bool = False,
 ) -> dict[int, np.ndarray]:
-    """Annotations by frame index: ``masks`` entries are ``FILE`` (the first frame) or
-    ``FRAME=FILE``; ``masks_dir`` holds sparse PNGs named like the frames (YouTube-VOS
-    ``Annotations/``), and a PNG named like no frame is refused (``limited``: the source is
-    cut short, so PNGs named after its last frame are skipped). Sizes are checked; the first
-    keyframe must show an object."""
+    """Annotations by frame index: ``masks`` are (frame, file) pairs, the frame an index or a
+    frame name (None: the first frame); ``masks_dir`` holds sparse PNGs named like the frames
+    (YouTube-VOS ``Annotations/``), and a PNG named like no frame is refused (``limited``: the
+    source is cut short, so PNGs named after its last frame are skipped). Sizes are checked;
+    the first keyframe must show an object."""
     given: list[tuple[int, Path]] = []
-    for entry in masks:
-        frame, file = parse_mask_entry(entry)
-        given.append((0 if frame is None else frame_index(source, frame), file))
+    for frame, file in masks:
+        given.append((0 if frame is None else frame_index(source, frame), Path(file)))
     if masks_dir is not None:
         folder = Path(masks_dir)
         if not folder.is_dir():
-            raise InputError(f"--masks {folder} is not a folder of annotation PNGs")
+            raise InputError(f"masks folder {folder} is not a folder of annotation PNGs")
         names = {name: i for i, name in enumerate(source.frame_names())}
         files = sorted(folder.glob("*.png"))
         if not files:
@@ -263,7 +252,7 @@ def read_keyframes(
             if file.stem not in names:
                 nearest = ", ".join(f"{name}.png" for name in nearest_names(file.stem, names))
                 raise InputError(
-                    f"--masks {folder}: {file.name} is named like no frame of {source.path} "
+                    f"masks folder {folder}: {file.name} is named like no frame of {source.path} "
                     f"(nearest: {nearest}); rename it to the frame it annotates"
                 )
         given += [(names[file.stem], file) for file in files]
@@ -273,7 +262,7 @@ def read_keyframes(
             raise InputError(f"two annotations for frame {index}: give one mask per frame")
         keyframes[index] = read_annotation(path, source, index)
     if not keyframes:
-        raise InputError("no annotation given: pass --mask FIRST.png, --mask FRAME=FILE or --masks")
+        raise InputError("no annotation given: give a mask of the first frame or a masks folder")
     first = min(keyframes)
     require_objects(keyframes[first], f"of frame {first}")
     return keyframes

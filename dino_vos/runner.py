@@ -4,7 +4,7 @@ DAVIS, YouTube-VOS, sweeps and batches describe each video as a :class:`VideoTas
 the result names, the keyframe masks) and hand it to one :class:`SequenceRunner`, which writes
 ``OUT/<video>/`` through :func:`dino_vos.api.propagate_to_folder` (staged outputs, manifest
 last) unless a finished result with the same manifest entries (:meth:`expected_manifest`: frame
-count, keyframes, direction, propagation parameters and :func:`feature_settings`) and every
+count, keyframes, direction, propagation parameters and the extractor's ``settings()``) and every
 result PNG is there. A killed job therefore resumes where it stopped.
 """
 
@@ -19,26 +19,7 @@ from dino_vos.outputs import is_reusable_result
 from dino_vos.spec import Direction, PropagationConfig
 
 if TYPE_CHECKING:  # the dataset readers use VideoTask without loading torch
-    from dino_vos.features import BackboneFeatures, FeatureExtractor
-
-
-def feature_settings(features: BackboneFeatures, fingerprint: str) -> dict[str, Any]:
-    """The settings that make a run's features what they are, as result manifests record them
-    (a result with other settings is not reused)."""
-    backbone = features.backbone
-    return {
-        "backbone": backbone.name,
-        "weights_fingerprint": fingerprint,
-        "pos_embed": backbone.pos_embed_mode,
-        "resize": features.resize.key(),
-        "precision": features.precision,
-        # shift ensembling (docs/protocol.md#refinements); off: the entries of earlier runs
-        **(
-            {"shift_ensemble": shifts}
-            if (shifts := getattr(features, "shift_ensemble", 1)) > 1
-            else {}
-        ),
-    }
+    from dino_vos.features import BatchExtractor, FeatureExtractor
 
 
 @dataclass(frozen=True)
@@ -82,7 +63,7 @@ class SequenceRunner:
 
     def __init__(
         self,
-        features: BackboneFeatures,
+        features: BatchExtractor,
         settings: RunnerSettings,
         fingerprint: str | None = None,
         extractor_for: Callable[[str], FeatureExtractor] | None = None,
@@ -102,7 +83,7 @@ class SequenceRunner:
             "keyframes": task.keyframe_names,
             "direction": self.settings.direction,
             "propagation": self.settings.config.to_dict(),
-            **feature_settings(self.features, self.fingerprint),
+            **self.features.settings(self.fingerprint),
         }
 
     def is_up_to_date(self, task: VideoTask, out_dir: Path) -> bool:

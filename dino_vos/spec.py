@@ -19,7 +19,7 @@ from dino_vos.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protoc
 
 if TYPE_CHECKING:
     from dino_vos.backbones import Backbone
-    from dino_vos.features import BackboneFeatures
+    from dino_vos.features import BatchExtractor
 
 ResizeRule = Literal["reference", "patch", "ceil"]
 RESIZE_RULES: tuple[str, ...] = ("reference", "patch", "ceil")
@@ -27,6 +27,9 @@ RESIZE_RULES: tuple[str, ...] = ("reference", "patch", "ceil")
 #: ``bicubic`` (PIL on the uint8 frame, as torchvision's resize of a PIL image: DINOv3).
 Interpolation = Literal["bilinear", "bicubic"]
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+#: Backbone precision of inference (pretraining has its own, with ``auto``).
+Precision = Literal["fp32", "fp16", "bf16"]
+INFERENCE_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 #: Normalisation constants of the frames: ``video`` (std 0.228 for red, the DINO video script)
 #: or ``imagenet`` (0.229), see docs/protocol.md#frame-preprocessing.
 Normalisation = Literal["video", "imagenet"]
@@ -231,7 +234,7 @@ Upsample = Literal["bilinear", "nearest", "guided"]
 UPSAMPLE_MODES: tuple[str, ...] = ("bilinear", "nearest", "guided")
 #: Named propagation settings (docs/protocol.md#refinements): dino is the reference protocol,
 #: crw the test setting of CRW (Jabri et al. 2020), vfs that of VFS (Xu & Wang 2021).
-PRESETS: dict[str, dict[str, float | int]] = {
+PROPAGATION_PRESETS: dict[str, dict[str, float | int]] = {
     "dino": {"topk": 5, "context": 7, "temperature": 0.1},
     "crw": {"topk": 10, "context": 20, "temperature": 0.05},
     "vfs": {"topk": 10, "context": 20, "temperature": 0.07},
@@ -276,10 +279,12 @@ class PropagationConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> PropagationConfig:
-        """The config of preset ``name`` (:data:`PRESETS`), with ``overrides`` on top."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})  # type: ignore[arg-type]
+        """The config of preset ``name`` (:data:`PROPAGATION_PRESETS`), ``overrides`` on top."""
+        if name not in PROPAGATION_PRESETS:
+            raise ValueError(
+                f"unknown preset {name!r}: use one of {', '.join(PROPAGATION_PRESETS)}"
+            )
+        return cls(**{**PROPAGATION_PRESETS[name], **overrides})  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -410,7 +415,7 @@ class BackboneSpec:
                     )
         return backbone
 
-    def build(self, announce: bool = False) -> BackboneFeatures:
+    def build(self, announce: bool = False) -> BatchExtractor:
         """The backbone with this spec's frame resize: frames in, patch features out (shift
         ensembled when ``shift_ensemble`` > 1)."""
         from dino_vos.features import BackboneFeatures, ShiftEnsembleFeatures
@@ -421,12 +426,12 @@ class BackboneSpec:
             from dino_vos.console import console
 
             console.print(f"Note: {note}")
-        features = BackboneFeatures(
+        features: BatchExtractor = BackboneFeatures(
             backbone,
             self.resize,
             batch_size=self.batch_size,
             precision=self.precision,  # type: ignore[arg-type]
         )
         if self.shift_ensemble > 1:
-            return ShiftEnsembleFeatures(features, self.shift_ensemble)
+            features = ShiftEnsembleFeatures(features, self.shift_ensemble)
         return features

@@ -22,7 +22,7 @@ from dino_vos.atomic import atomic_write_text
 from dino_vos.errors import InputError
 from dino_vos.limits import MAX_IMAGE_BATCH, MAX_IMAGE_SIZE, MAX_WORKERS
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TRAINING_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 #: What a run folder holds.
 CHECKPOINT_NAME = "checkpoint.pth"
 CONFIG_NAME = "config.yaml"
@@ -183,7 +183,10 @@ class PretrainConfig:
             (self.train.num_workers >= 0, "train.num_workers must be >= 0"),
             (self.train.log_every >= 1, "train.log_every must be >= 1"),
             (self.data.video_stride >= 1, "data.video_stride must be >= 1"),
-            (self.train.precision in PRECISIONS, f"train.precision is one of {PRECISIONS}"),
+            (
+                self.train.precision in TRAINING_PRECISIONS,
+                f"train.precision is one of {TRAINING_PRECISIONS}",
+            ),
             (self.optim.scaling_rule in SCALING_RULES, f"optim.scaling_rule: {SCALING_RULES}"),
         ]
         for scale in (self.crops.global_scale, self.crops.local_scale):
@@ -222,7 +225,7 @@ def _vit_kwargs(patch: int, img_size: int, **extra: Any) -> dict[str, Any]:
 #: epochs, teacher temperature 0.04 -> 0.07 over 30 epochs, 10 local crops); the learning rate
 #: scales with the global batch. ``cpu_tiny`` follows docs/protocol.md#cpu-preset (learns on 2
 #: cores).
-PRESETS: dict[str, dict[str, Any]] = {
+PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "vit_small_p8": {
         "student": {"arch": "vit_small_patch8_224", "kwargs": {}, "drop_path_rate": 0.1},
         "head": {"norm_last_layer": False},
@@ -393,9 +396,9 @@ def resolve_config(
     """Build a config: ``base`` or defaults -> preset -> file -> ``overrides`` -> ``key=value``."""
     config = PretrainConfig.from_dict(base) if base is not None else PretrainConfig()
     if preset is not None:
-        if preset not in PRESETS:
-            raise InputError(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
-        apply_dict(config, PRESETS[preset])
+        if preset not in PRETRAIN_PRESETS:
+            raise InputError(f"unknown preset '{preset}': use one of {', '.join(PRETRAIN_PRESETS)}")
+        apply_dict(config, PRETRAIN_PRESETS[preset])
         config.preset = preset
     if config_file is not None:
         apply_dict(config, load_config_file(config_file))

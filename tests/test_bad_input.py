@@ -94,7 +94,12 @@ OVERSIZED = [
     (["eval", "youtube-vos", "--root", "r", "--out", "o"], "--batch-size", "100000", "256"),
     (["eval", "knn", "--train", "t", "--val", "v", "--out", "o"], "--image-size", "100000", "4096"),
     (["eval", "linear", "--train", "t", "--val", "v", "--out", "o"], "--batch-size", "10**9", ""),
-    (["eval", "transfer", "--train", "t", "--val", "v", "--out", "o"], "--workers", "9999", "256"),
+    (
+        ["eval", "transfer", "--train", "t", "--val", "v", "--out", "o"],
+        "--decode-workers",
+        "9999",
+        "256",
+    ),
     (["pretrain", "--preset", "cpu_tiny", "--out", "o"], "--batch-size", "1000000000", "8192"),
 ]
 

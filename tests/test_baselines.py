@@ -15,12 +15,12 @@ from click.testing import CliRunner
 from conftest import requires_shared_data
 from safetensors import safe_open
 
-import dino_vos.eval.image.features as features_module
+import dino_vos.eval.image.image_features as features_module
 from dino_vos.backbones import Backbone, load_backbone, weights_fingerprint
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.cli import main
 from dino_vos.errors import InputError
-from dino_vos.eval.image.features import FeatureSpec, cached_image_features, image_features
+from dino_vos.eval.image.image_features import FeatureSpec, cached_image_features, image_features
 from dino_vos.eval.image.imagefolder import eval_transform, load_imagefolder, train_transform
 from dino_vos.eval.image.linear import (
     LinearClassifier,
@@ -277,7 +277,7 @@ def test_layerwise_learning_rates(backbone: Backbone):
 
 def run_cli(command: str, train: Path, val: Path, out: Path, weights: Path, *extra: str):
     args = ["eval", command, "--train", str(train), "--val", str(val), "--out", str(out)]
-    args += ["--weights", str(weights), "--image-size", str(IMAGE_SIZE), "--workers", "0"]
+    args += ["--weights", str(weights), "--image-size", str(IMAGE_SIZE), "--decode-workers", "0"]
     return CliRunner().invoke(main, [*args, "--device", "cpu", *extra])
 
 
@@ -319,6 +319,22 @@ def test_cli_rejects_bad_options(tmp_path: Path, dataset: Path, weights: Path):
     assert result.exit_code == 2 and "--n-last-blocks 5" in result.output
     result = run_cli("knn", train, val, out, weights, "--resize-size", "16")
     assert result.exit_code == 2 and "--resize-size 16" in result.output
+
+
+def test_cli_old_option_spellings_still_work_with_one_warning(
+    tmp_path: Path, dataset: Path, weights: Path
+):
+    train, val, out, cache = dataset / "train", dataset / "val", tmp_path / "out", tmp_path / "c"
+    result = run_cli("knn", train, val, out, weights, "--cache-dir", str(cache), "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not (out / "features").exists()
+    warnings = [line for line in result.output.splitlines() if "deprecated" in line]
+    assert sorted(warnings) == [
+        "Warning: --cache-dir is deprecated: use --cache",
+        "Warning: --workers is deprecated: use --decode-workers",
+    ]
+    help_text = CliRunner().invoke(main, ["eval", "knn", "--help"]).output
+    assert "--cache-dir" not in help_text and "--decode-workers" in help_text
 
 
 # --------------------------------------------------------------------------- DAVIS tool

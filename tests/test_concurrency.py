@@ -485,7 +485,7 @@ def test_baseline_out_never_is_inside_its_data(tmp_path, tiny_weights):
             assert_refused(result, message)
     result = CliRunner().invoke(
         main,
-        ["eval", "knn", *base, "--out", str(tmp_path / "o"), "--cache-dir", str(data / "val")],
+        ["eval", "knn", *base, "--out", str(tmp_path / "o"), "--cache", str(data / "val")],
     )
-    assert_refused(result, "--cache-dir")
+    assert_refused(result, "--cache")
     assert snapshot(data) == before

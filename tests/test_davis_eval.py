@@ -21,8 +21,8 @@ from PIL import Image
 
 from dino_vos.cli import main
 from dino_vos.eval.davis_metrics import GLOBAL_COLUMNS, score_frames
-from dino_vos.eval.vos.davis import merge_results, shard_sequences
 from dino_vos.eval.vos.davis_data import DavisDataset, read_split_file
+from dino_vos.eval.vos.davis_sequences import merge_results, shard_sequences
 from dino_vos.masks import read_mask, write_indexed_png
 from dino_vos.synthetic import make_clip
 from dino_vos.writers import MANIFEST_NAME, STAGING_NAME

@@ -11,8 +11,8 @@ from conftest import SHARED_DATA, requires_shared_data
 from dino_vos import backbones, hub
 from dino_vos.backbones import load_backbone
 from dino_vos.cli import main
-from dino_vos.demo import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE, run_demo, score_against
 from dino_vos.errors import BackboneError
+from dino_vos.eval.demo import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE, run_demo, score_against
 from dino_vos.features import BackboneFeatures, ResizeSpec
 from dino_vos.masks import read_mask
 from dino_vos.predictor import VideoPropagator

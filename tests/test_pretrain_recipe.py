@@ -18,7 +18,7 @@ from dino_vos.errors import InputError
 from dino_vos.pretrain.augment import MultiCropAugmentation
 from dino_vos.pretrain.checkpoint import rng_state, set_rng_state
 from dino_vos.pretrain.config import (
-    PRESETS,
+    PRETRAIN_PRESETS,
     PretrainConfig,
     parse_assignment,
     resolve_config,
@@ -296,7 +296,7 @@ def test_presets_and_lr_scaling():
     assert small.lr(world_size=16) == pytest.approx(0.0005 * 64 * 16 / 256)
     assert (small.teacher.warmup_temp, small.teacher.temp) == (0.04, 0.07)
     assert resolve_config("vit_base_p8").student.arch == "vit_base_patch8_224"
-    assert set(PRESETS) == {"cpu_tiny", "vit_small_p8", "vit_base_p8"}
+    assert set(PRETRAIN_PRESETS) == {"cpu_tiny", "vit_small_p8", "vit_base_p8"}
 
 
 def test_overrides_files_and_errors(tmp_path):

@@ -18,7 +18,7 @@ from dino_vos.masks import ObjectIds, resize_labels
 from dino_vos.predictor import VideoPropagator, guide_image
 from dino_vos.propagation import guided_filter, labels_from_soft, labels_from_soft_guided
 from dino_vos.sources import Frame
-from dino_vos.spec import PRESETS, BackboneSpec, PropagationConfig, ResizeSpec
+from dino_vos.spec import PROPAGATION_PRESETS, BackboneSpec, PropagationConfig, ResizeSpec
 from dino_vos.synthetic import make_clip
 from dino_vos.writers import MANIFEST_NAME
 
@@ -70,7 +70,7 @@ def test_bad_preset_and_upsample_exit_2_with_one_line():
         assert result.exit_code == 2 and "Traceback" not in result.output
     with pytest.raises(ValueError, match="unknown preset"):
         PropagationConfig.preset("stc")
-    assert set(PRESETS) == {"dino", "crw", "vfs"}
+    assert set(PROPAGATION_PRESETS) == {"dino", "crw", "vfs"}
 
 
 # --- guided upsampling -----------------------------------------------------------------------

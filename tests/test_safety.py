@@ -234,17 +234,17 @@ def test_eval_davis_rerun_with_other_settings_drops_old_reports(tmp_path, tiny_w
     assert manifest["status"] == "complete" and "global_results-val.csv" in manifest["outputs"]
     # a re-run with another top-k that stops before its reports: no report of the old settings
     # remains beside the new masks
-    from dino_vos.eval.vos import davis_main
+    from dino_vos.eval.vos import davis_job
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    original = davis_main.evaluate_davis
-    davis_main.evaluate_davis = interrupted
+    original = davis_job.evaluate_davis
+    davis_job.evaluate_davis = interrupted
     try:
         result = CliRunner().invoke(main, [*base, "--topk", "3"])
     finally:
-        davis_main.evaluate_davis = original
+        davis_job.evaluate_davis = original
     assert result.exit_code == 130
     assert not (out / "global_results-val.csv").exists()
     assert json.loads((out / MANIFEST_NAME).read_text())["status"] == "running"

@@ -167,6 +167,28 @@ def test_library_modules_never_import_click_or_the_cli():
     assert offenders == []
 
 
+def _imports(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
+def test_the_library_never_imports_eval_or_pretrain():
+    """dino_vos (without its CLI) is the layer eval/ and pretrain/ build on, not the reverse."""
+    offenders = [
+        f"{name}: {module}"
+        for name, path in module_files().items()
+        if not name.startswith(("dino_vos.cli", "dino_vos.eval", "dino_vos.pretrain"))
+        for module in _imports(path)
+        if module.startswith(("dino_vos.eval", "dino_vos.pretrain"))
+    ]
+    assert offenders == []
+
+
 def test_one_installed_namespace(tmp_path: Path):
     result = _run(
         """

@@ -32,7 +32,7 @@ import timm
 import torch
 
 from dino_vos.backbones import Backbone, load_backbone
-from dino_vos.eval.image.features import FeatureSpec, extract_image_features
+from dino_vos.eval.image.image_features import FeatureSpec, extract_image_features
 from dino_vos.eval.image.imagefolder import ImageFolderSplit, load_imagefolder
 from dino_vos.eval.image.knn import knn_evaluate
 from dino_vos.eval.image.linear import LinearConfig, default_spec, train_linear_probe

@@ -27,8 +27,8 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data" / "davis2016-val-dev"
 def time_scoring(root: Path, results: Path, names: list[str] | None, max_frames: int | None):
     """Seconds to read and score every sequence of ``results`` (one process)."""
     from dino_vos.eval.davis_metrics import global_statistics
-    from dino_vos.eval.vos.davis import evaluate_davis
-    from dino_vos.eval.vos.davis_main import DavisJob
+    from dino_vos.eval.vos.davis_job import DavisJob
+    from dino_vos.eval.vos.davis_sequences import evaluate_davis
 
     sequences = tuple(names) if names else None
     job = DavisJob(root, sequences=sequences, results_dir=results, max_frames=max_frames)

@@ -64,7 +64,7 @@ def davis_val_dev(spec: BackboneSpec, every: int) -> dict:
     import tempfile
 
     from dino_vos.console import console
-    from dino_vos.eval.vos.davis_main import DavisJob, run_davis
+    from dino_vos.eval.vos.davis_job import DavisJob, run_davis
     from dino_vos.spec import KeyframeSchedule
 
     console.quiet = True  # the JSON report is the output

@@ -84,7 +84,7 @@ def run_variant(
 def tune_guided(out: Path, backbone: str, sequences: str, max_frames: int | None) -> list[dict]:
     """J&F of bilinear and of guided upsampling for each eps in :data:`GUIDED_EPS` on train."""
     from dino_vos.console import console
-    from dino_vos.eval.vos.davis_main import DavisJob, run_davis
+    from dino_vos.eval.vos.davis_job import DavisJob, run_davis
     from dino_vos.spec import BackboneSpec, PropagationConfig, ResizeSpec
 
     console.quiet = True

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dino_vos.cli.options import FiniteFloat, IntRange, with_backbone_spec
+from dino_vos.cli.options import FiniteFloat, IntRange, deprecated_alias, with_backbone_spec
 from dino_vos.console import console
 from dino_vos.defaults import IMAGE_SIZE, KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.errors import InputError
@@ -77,14 +77,21 @@ def baseline_options(batch_size: int) -> Callable[[Callable], Callable]:
             help="Images per batch.",
         )
         @click.option(
-            "--workers", type=IntRange(min=0, max=MAX_WORKERS), default=2, show_default=True,
-            help="Image-decoding worker processes.",
+            "--decode-workers", "workers", type=IntRange(min=0, max=MAX_WORKERS), default=2,
+            show_default=True, help="Image-decoding worker processes (DataLoader workers).",
         )  # fmt: skip
+        @deprecated_alias(
+            "--workers", "--decode-workers", "workers", type=IntRange(min=0, max=MAX_WORKERS)
+        )
         @click.option(
-            "--cache-dir",
+            "--cache",
+            "cache_dir",
             type=click.Path(file_okay=False, path_type=Path),
             default=None,
             help="Feature cache folder [default: OUT/features].",
+        )
+        @deprecated_alias(
+            "--cache-dir", "--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path)
         )
         @click.option("--no-cache", is_flag=True, help="Neither read nor write cached features.")
         @with_backbone_spec(short_side=None, seed=True)

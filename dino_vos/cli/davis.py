@@ -153,7 +153,7 @@ def davis(
     _check_inputs(davis_root, results_dir, out_dir)  # before torch loads
     if results_dir is None:
         check_frames_fit(spec, DAVIS_SMALLEST_FRAME)
-    from dino_vos.eval.vos.davis_main import DavisJob, run_davis
+    from dino_vos.eval.vos.davis_job import DavisJob, run_davis
 
     names = tuple(n.strip() for n in sequences.split(",") if n.strip()) if sequences else None
     given = [

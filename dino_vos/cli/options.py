@@ -29,8 +29,9 @@ from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
     DIRECTIONS,
+    INFERENCE_PRECISIONS,
     POS_EMBED_MODES,
-    PRESETS,
+    PROPAGATION_PRESETS,
     RESIZE_RULES,
     UPSAMPLE_MODES,
     BackboneSpec,
@@ -289,7 +290,7 @@ def frame_feature_options(func: Callable) -> Callable:
             ),
             click.option(
                 "--precision",
-                type=click.Choice(["fp32", "fp16", "bf16"]),
+                type=click.Choice(INFERENCE_PRECISIONS),
                 default="fp32",
                 show_default=True,
                 help="Backbone precision (fp16/bf16: autocast, for GPUs; fp16 needs CUDA). "
@@ -335,7 +336,7 @@ def propagation_options(func: Callable) -> Callable:
         values = {key: kwargs.pop(key) for key in ("topk", "context", "radius", "temperature")}
         values["upsample"] = kwargs.pop("upsample")
         overrides = {key: value for key, value in values.items() if _given(key)}
-        preset_values = PRESETS[preset] if _given("preset") else {}
+        preset_values = PROPAGATION_PRESETS[preset] if _given("preset") else {}
         config = PropagationConfig.for_protocol(
             protocol, **{**preset_values, **overrides}, max_references=kwargs.pop("max_references")
         )
@@ -356,7 +357,7 @@ def propagation_options(func: Callable) -> Callable:
             ),
             click.option(
                 "--preset",
-                type=click.Choice(tuple(PRESETS)),
+                type=click.Choice(tuple(PROPAGATION_PRESETS)),
                 default="dino",
                 show_default=True,
                 help="Propagation setting: dino (reference protocol: top-k 5, context 7, "
@@ -432,6 +433,26 @@ batch_option = click.option(
     show_default=True,
     help="Frames per backbone forward.",
 )
+
+
+def deprecated_alias(old: str, new: str, dest: str, **option: Any) -> Callable:
+    """Keep ``old`` as a hidden spelling of option ``new`` (parameter ``dest``): it still works,
+    with one warning line."""
+    hidden = f"deprecated_{dest}"
+
+    def decorate(func: Callable) -> Callable:
+        @click.option(old, hidden, hidden=True, default=None, **option)
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(hidden)
+            if value is not None:
+                console.print(f"[yellow]Warning:[/yellow] {old} is deprecated: use {new}")
+                kwargs[dest] = value
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 #: --cache: the feature cache of the benchmark commands (eval davis, eval youtube-vos).

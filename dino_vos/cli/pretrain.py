@@ -12,7 +12,12 @@ from dino_vos.console import console
 from dino_vos.errors import InputError
 from dino_vos.limits import MAX_IMAGE_BATCH, MAX_WORKERS
 from dino_vos.outputs import check_out_dir, locked_output_on_main_rank
-from dino_vos.pretrain.config import PRECISIONS, PRESETS, is_run_folder, resolve_config
+from dino_vos.pretrain.config import (
+    PRETRAIN_PRESETS,
+    TRAINING_PRECISIONS,
+    is_run_folder,
+    resolve_config,
+)
 
 #: CLI flag -> config key.
 FLAG_KEYS = {
@@ -36,7 +41,10 @@ FLAG_KEYS = {
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option(
-    "--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Recipe to start from."
+    "--preset",
+    type=click.Choice(sorted(PRETRAIN_PRESETS)),
+    default=None,
+    help="Recipe to start from.",
 )
 @click.option(
     "--config",
@@ -71,7 +79,7 @@ FLAG_KEYS = {
 @click.option("--device", default=None, help="auto, cpu, cuda[:N] [default: auto].")
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(TRAINING_PRECISIONS),
     default=None,
     help="auto: fp32 on CPU; on CUDA fp16 for patch >= 16, bf16 (else fp32) below [default: auto].",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,21 +29,30 @@ from dino_vos.outputs import (
 )
 from dino_vos.spec import BackboneSpec, Direction, PropagationConfig, frames_covered
 
+if TYPE_CHECKING:  # torch loads only once the input is checked
+    from dino_vos.features import BatchExtractor
+
 
 def is_previous_demo(folder: Path) -> bool:
     """A folder that an earlier ``dino-vos demo`` wrote (and may write again)."""
     return is_result_folder(folder / "masks") and set(foreign_entries(folder)) <= DEMO_OUTPUTS
 
 
-def _run_metadata(features: Any) -> dict[str, Any]:
-    backbone = features.backbone
+def parse_mask_entry(entry: str) -> tuple[str | None, Path]:
+    """A ``--mask`` value: ``FILE`` -> (None, FILE) (the first frame); ``FRAME=FILE`` -> (FRAME,
+    FILE). An existing file whose name holds ``=`` is a file."""
+    frame, sep, file = entry.partition("=")
+    if sep and not Path(entry).exists():
+        return frame, Path(file)
+    return None, Path(entry)
+
+
+def _run_metadata(features: BatchExtractor) -> dict[str, Any]:
+    """The features' settings record, with the weights' source and the batch size."""
     return {
-        "backbone": backbone.name,
-        "weights": backbone.weights_id,
-        "resize": features.resize.key(),
-        "precision": features.precision,
+        **features.settings(),
+        "weights": features.backbone.weights_id,
         "batch_size": features.batch_size,
-        "shift_ensemble": getattr(features, "shift_ensemble", 1),
     }
 
 
@@ -100,15 +109,16 @@ def propagate(
     The first annotated frame starts the run (the last one with --direction backward); masks
     on other frames are keyframes.
     """
-    from dino_vos.masks import parse_mask_entry, read_keyframes
+    from dino_vos.masks import read_keyframes
     from dino_vos.sources import open_source
 
     if not masks and masks_dir is None:
         raise click.UsageError("give the first frame's annotation: --mask FILE (or --masks DIR)")
     source = open_source(input_path, limit=max_frames)  # input checks first, without torch
-    keyframes = read_keyframes(source, masks, masks_dir, limited=max_frames is not None)
+    given = [parse_mask_entry(entry) for entry in masks]
+    keyframes = read_keyframes(source, given, masks_dir, limited=max_frames is not None)
     check_frames_fit(spec, source.frame_size)
-    mask_files = [parse_mask_entry(entry)[1] for entry in masks]
+    mask_files = [file for _, file in given]
     inputs = [input_path, *mask_files, *([masks_dir] if masks_dir else [])]
     check_outputs(out_dir, overlay, inputs, overwrite)
 
@@ -226,7 +236,7 @@ def _run_demo(
     shipped = registered_backbone(SHIPPED_BACKBONE).shipped_file  # type: ignore[union-attr]
     if spec.name is None and spec.weights is None and shipped is not None and shipped.is_file():
         spec = replace(spec, name=SHIPPED_BACKBONE)
-    from dino_vos.demo import run_demo  # torch: after the checks
+    from dino_vos.eval.demo import run_demo  # torch: after the checks
 
     features = spec.build(announce=True)
     with progress_bar("frames") as progress:

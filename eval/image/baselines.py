@@ -25,7 +25,7 @@ from dino_vos.console import console, progress_bar
 from dino_vos.defaults import KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.distributed import cleanup, init_distributed
 from dino_vos.errors import InputError
-from dino_vos.eval.image.features import FeatureSpec, cached_image_features
+from dino_vos.eval.image.image_features import FeatureSpec, cached_image_features
 from dino_vos.eval.image.imagefolder import ImageFolderSplit, check_sizes, load_imagefolder
 from dino_vos.eval.image.knn import knn_evaluate
 from dino_vos.eval.image.linear import (
@@ -35,6 +35,7 @@ from dino_vos.eval.image.linear import (
     train_linear_probe,
 )
 from dino_vos.eval.image.transfer import TransferConfig, train_transfer
+from dino_vos.features import backbone_settings
 from dino_vos.outputs import (
     check_not_an_input,
     check_not_locked,
@@ -87,7 +88,7 @@ class BaselineRun:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "backbone": self.backbone.name,
+            **backbone_settings(self.backbone),
             "weights": self.backbone.weights_id,
             "patch_size": self.backbone.patch_size,
             "embed_dim": self.backbone.embed_dim,
@@ -156,8 +157,8 @@ def check_baseline_outputs(
     check_not_locked(out_dir)
     check_writable(out_dir)
     if cache_dir is not None:
-        check_not_an_input(cache_dir, inputs, "--cache-dir")
-        check_writable(cache_dir, "--cache-dir")
+        check_not_an_input(cache_dir, inputs, "--cache")
+        check_writable(cache_dir, "--cache")
 
 
 def _epoch_printer(run: BaselineRun, progress: Progress, label: str = "epoch"):

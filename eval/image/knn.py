@@ -7,7 +7,7 @@ neighbour search. Similarities are computed chunk by chunk so that the (val x tr
 never exceeds a memory budget. Ties are resolved deterministically: among equally similar
 neighbours the lower train index is taken first, among classes with equal scores the lower
 class index ranks first (so chunking never changes the results). The features come from
-:mod:`dino_vos.eval.image.features`.
+:mod:`dino_vos.eval.image.image_features`.
 """
 
 from __future__ import annotations

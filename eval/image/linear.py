@@ -32,7 +32,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dino_vos.backbones import Backbone
 from dino_vos.distributed import world_info
-from dino_vos.eval.image.features import (
+from dino_vos.eval.image.image_features import (
     FeatureSpec,
     image_features,
     iterate_loader,

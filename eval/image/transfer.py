@@ -32,7 +32,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dino_vos.backbones import Backbone
 from dino_vos.distributed import shard_range, world_info
-from dino_vos.eval.image.features import iterate_loader, make_loader
+from dino_vos.eval.image.image_features import iterate_loader, make_loader
 from dino_vos.eval.image.imagefolder import (
     ImageFolderDataset,
     ImageFolderSplit,

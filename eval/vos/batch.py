@@ -35,7 +35,7 @@ from dino_vos.runner import RunnerSettings, map_in_processes, report_frame
 from dino_vos.spec import BackboneSpec, Direction, PropagationConfig
 
 if TYPE_CHECKING:
-    from dino_vos.features import BackboneFeatures
+    from dino_vos.features import BatchExtractor
     from dino_vos.runner import SequenceRunner
 
 BATCH_FORMAT = "dino-vos-batch"
@@ -88,7 +88,7 @@ class BatchJob:
 class BatchWorker:
     """Runs entries in this process: one :class:`SequenceRunner` per distinct setting."""
 
-    def __init__(self, job: BatchJob, features: BackboneFeatures, shard: str) -> None:
+    def __init__(self, job: BatchJob, features: BatchExtractor, shard: str) -> None:
         self.job = job
         self.features = features
         self.shard = shard

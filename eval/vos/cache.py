@@ -1,6 +1,6 @@
 """On-disk cache of per-frame patch features, so runs that differ only in propagation skip the ViT.
 
-:class:`FeatureCache` wraps :class:`dino_vos.features.BackboneFeatures` (the one extraction code
+:class:`FeatureCache` wraps a :class:`dino_vos.features.BatchExtractor` (the one extraction code
 path) as a :class:`dino_vos.features.FeatureExtractor`. Files are fp16 safetensors at::
 
     ROOT/<backbone>-<resize key>-<key hash>/<sequence>/<frame name>.safetensors
@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,7 @@ from safetensors.torch import save as save_safetensors
 
 from dino_vos.atomic import atomic_entry, atomic_write_json
 from dino_vos.backbones import weights_fingerprint
-from dino_vos.features import BackboneFeatures
-from dino_vos.runner import feature_settings
+from dino_vos.features import BatchExtractor
 from dino_vos.sources import Frame
 
 TENSOR_NAME = "features"
@@ -61,29 +61,14 @@ class CacheStats:
         self.misses += other.misses
 
 
-def cache_key(features: BackboneFeatures, fingerprint: str) -> dict[str, object]:
-    """Everything that determines a frame's features besides its pixels."""
-    key: dict[str, object] = {
-        **feature_settings(features, fingerprint),
-        "weights_id": features.backbone.weights_id,
-        "mean": list(features.mean),
-        "std": list(features.std),
-    }
-    if features.precision == "fp32":  # fp32 keys stay those of earlier caches
-        del key["precision"]
-    return key
-
-
-def _folder_name(features: BackboneFeatures, key: dict[str, object]) -> str:
+def _folder_name(features: BatchExtractor, key: dict[str, Any]) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", features.backbone.name).strip("_")
-    # weights_id only names the file the weights came from; the fingerprint identifies them
-    content = {k: v for k, v in key.items() if k != "weights_id"}
-    key_hash = hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=8)
+    key_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8)
     return f"{name}-{features.resize.key()}-{key_hash.hexdigest()}"
 
 
 class FeatureCache:
-    """A caching :class:`FeatureExtractor` around :class:`BackboneFeatures`.
+    """A caching :class:`FeatureExtractor` around a :class:`BatchExtractor`.
 
     ``for_sequence(name)`` gives a view that stores under that sequence's folder and shares
     this cache's :class:`CacheStats`.
@@ -91,7 +76,7 @@ class FeatureCache:
 
     def __init__(
         self,
-        features: BackboneFeatures,
+        features: BatchExtractor,
         root: str | Path,
         fingerprint: str | None = None,
         sequence: str = "",
@@ -100,7 +85,7 @@ class FeatureCache:
         self.features = features
         self.patch_size = features.patch_size
         self.fingerprint = fingerprint or weights_fingerprint(features.backbone)
-        self.key = cache_key(features, self.fingerprint)
+        self.key = features.settings(self.fingerprint)
         self.root = Path(root)
         self.folder = self.root / _folder_name(features, self.key)
         self.sequence = sequence

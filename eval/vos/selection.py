@@ -42,7 +42,7 @@ from dino_vos.eval.vos.sweep import (
 from dino_vos.result_folder import ResultFolder
 
 if TYPE_CHECKING:
-    from dino_vos.eval.vos.davis_main import DavisJob
+    from dino_vos.eval.vos.davis_job import DavisJob
 
 SELECTION_FORMAT = "dino-vos-davis-selection"
 SELECTION_REPORT = "selection.json"
@@ -158,7 +158,7 @@ def run_selection(job: SelectionJob) -> dict[str, Any] | None:
 
 def _select_and_report(job: SelectionJob) -> dict[str, Any] | None:
     from dino_vos.atomic import atomic_write_json
-    from dino_vos.eval.vos.davis_main import run_davis
+    from dino_vos.eval.vos.davis_job import run_davis
 
     console.print(f"[bold]Selection on {job.select_on}:[/] {len(job.grid.points())} settings")
     rows = run_sweep(job.sweep_job())

@@ -28,7 +28,7 @@ from dino_vos.result_folder import ResultFolder
 from dino_vos.spec import PropagationConfig
 
 if TYPE_CHECKING:
-    from dino_vos.eval.vos.davis_main import DavisJob
+    from dino_vos.eval.vos.davis_job import DavisJob
 
 #: The ``format`` of the manifest of a sweep folder.
 SWEEP_FORMAT = "dino-vos-davis-sweep"
@@ -282,7 +282,7 @@ def _run_settings(
     complete: Sequence[bool],
     rank: int,
 ) -> list[SweepRow] | None:
-    from dino_vos.eval.vos.davis_main import run_davis
+    from dino_vos.eval.vos.davis_job import run_davis
 
     features = None
     rows: list[SweepRow] = []

@@ -29,7 +29,7 @@ from dino_vos.console import console, progress_bar
 from dino_vos.errors import InputError
 from dino_vos.eval.vos.cache import FeatureCache
 from dino_vos.eval.vos.dataset import frame_count
-from dino_vos.features import BackboneFeatures
+from dino_vos.features import BatchExtractor
 from dino_vos.result_folder import ResultFolder
 from dino_vos.runner import RunnerSettings, SequenceRunner, VideoTask
 from dino_vos.sources import natural_key
@@ -163,7 +163,7 @@ class YouTubeVOSJob:
     def result_folder(self) -> ResultFolder:
         return ResultFolder(self.out_dir, RUN_FORMAT, self.run_key(), (SUBMISSION_NAME,))
 
-    def runner(self, features: BackboneFeatures) -> SequenceRunner:
+    def runner(self, features: BatchExtractor) -> SequenceRunner:
         """Each video forward from its sparse annotations, every frame written (the server
         expects a mask for each), features from the cache when one is given."""
         fingerprint = weights_fingerprint(features.backbone)

@@ -1,4 +1,5 @@
-"""``eval davis`` as a library call: :class:`DavisJob` in, reports on disk (rank 0)."""
+"""``eval davis`` as a library call: :class:`DavisJob` in, reports on disk (rank 0); the
+sequences themselves run in :mod:`.davis_sequences`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
 from dino_vos.errors import InputError
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
-from dino_vos.eval.vos.davis import DavisRun, evaluate_davis, shard_sequences
 from dino_vos.eval.vos.davis_data import DavisDataset
 from dino_vos.eval.vos.davis_report import (
     global_csv,
@@ -22,7 +22,8 @@ from dino_vos.eval.vos.davis_report import (
     print_tables,
     write_json,
 )
-from dino_vos.features import BackboneFeatures
+from dino_vos.eval.vos.davis_sequences import DavisRun, evaluate_davis, shard_sequences
+from dino_vos.features import BatchExtractor
 from dino_vos.masks import atomic_write_bytes
 from dino_vos.result_folder import ResultFolder
 from dino_vos.runner import RunnerSettings
@@ -166,7 +167,7 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
     )
 
 
-def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisRun | None:
+def run_davis(job: DavisJob, features: BatchExtractor | None = None) -> DavisRun | None:
     """Evaluate (or only score) a DAVIS split and write the reports (rank 0; None elsewhere).
 
     ``features``: a backbone already built from ``job.spec`` (a sweep builds it once for all its
@@ -185,7 +186,7 @@ def run_davis(job: DavisJob, features: BackboneFeatures | None = None) -> DavisR
 def _run_locked(
     job: DavisJob,
     dataset: DavisDataset,
-    features: BackboneFeatures | None,
+    features: BatchExtractor | None,
     rank: int,
     world: int,
 ) -> DavisRun | None:
@@ -231,7 +232,7 @@ def _payload(
     run: DavisRun,
     dataset: DavisDataset,
     job: DavisJob,
-    features: BackboneFeatures | None,
+    features: BatchExtractor | None,
     world: int,
 ) -> dict[str, Any]:
     settings: dict[str, Any] = {
@@ -254,16 +255,12 @@ def _payload(
         backbone = features.backbone
         settings.update(
             {
-                "backbone": backbone.name,
+                **features.settings(run.fingerprint),
                 "weights": backbone.weights_id,
-                "weights_fingerprint": run.fingerprint,
                 "random_init_seed": job.spec.seed if job.spec and job.spec.random_init else None,
-                "pos_embed": backbone.pos_embed_mode,
-                "resize": features.resize.key(),
                 "device": str(backbone.device),
                 "propagation": job.config.to_dict(),
                 "propagation_protocol": job.config.protocol,  # docs/protocol.md#protocols
-                "shift_ensemble": getattr(features, "shift_ensemble", 1),
                 "cache": str(job.cache_dir) if job.cache_dir else None,
             }
         )

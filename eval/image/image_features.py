@@ -1,4 +1,5 @@
-"""Image features of a frozen backbone for the image baselines (k-NN, linear probe, transfer).
+"""Image features (one vector per image) of a frozen backbone for the image baselines (k-NN,
+linear probe, transfer); the patch features of frames are :mod:`dino_vos.features`.
 
 One extraction path for the three baselines: the evaluation transform of
 ``docs/protocol.md#image-baselines``, a sharded extraction under ``torchrun`` (each rank one
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from dino_vos.atomic import atomic_entry
-from dino_vos.backbones import Backbone, weights_fingerprint
+from dino_vos.backbones import Backbone
 from dino_vos.console import console
 from dino_vos.distributed import gather_shards, shard_range, world_info
 from dino_vos.errors import InputError
@@ -32,6 +33,7 @@ from dino_vos.eval.image.imagefolder import (
     check_sizes,
     eval_transform,
 )
+from dino_vos.features import backbone_settings
 
 #: Bump when the cached tensors change meaning (2: weights keyed by their content hash).
 CACHE_VERSION = "2"
@@ -178,11 +180,9 @@ def cached_image_features(
     resize_size = check_sizes(image_size, resize_size)
     metadata = {
         "version": CACHE_VERSION,
-        "backbone": backbone.name,
+        **backbone_settings(backbone),
         "weights_id": backbone.weights_id,
-        "weights_fingerprint": weights_fingerprint(backbone),
         "arch": json.dumps(backbone.arch, sort_keys=True),
-        "pos_embed": backbone.pos_embed_mode,
         "image_size": str(image_size),
         "resize_size": str(resize_size),
         "split": split_name,

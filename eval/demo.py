@@ -1,4 +1,5 @@
-"""``dino-vos demo``: the main job end to end, offline, on a generated clip with known masks."""
+"""``dino-vos demo``: the main job end to end, offline, on a generated clip with known masks,
+scored with the DAVIS metrics (so it lives in ``eval``, above the library it exercises)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import numpy as np
 
 from dino_vos.api import PropagationSummary, propagate_to_folder
 from dino_vos.defaults import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE
+from dino_vos.eval.davis_metrics import (
+    ObjectScores,
+    global_statistics,
+    num_objects_of,
+    score_frames,
+)
 from dino_vos.features import FeatureExtractor
 from dino_vos.masks import read_mask
 from dino_vos.propagation import PropagationConfig
@@ -28,13 +35,6 @@ class DemoResult:
 
 def score_against(ground_truth: np.ndarray, predicted: np.ndarray, sequence: str = "demo"):
     """DAVIS J&F of (T, H, W) predicted label images against the ground truth (frames 1..T-2)."""
-    from dino_vos.eval.davis_metrics import (
-        ObjectScores,
-        global_statistics,
-        num_objects_of,
-        score_frames,
-    )
-
     num_objects = num_objects_of(ground_truth[0])
     j, f = score_frames(ground_truth[1:-1], predicted[1:-1], num_objects)
     objects = [ObjectScores(sequence, k + 1, j[k], f[k]) for k in range(num_objects)]

@@ -1,4 +1,4 @@
-"""DAVIS benchmark runner: propagate every sequence with the engine, score it, merge the scores.
+"""DAVIS sequences: propagate every sequence with the engine, score it, merge the scores.
 
 - One sequence = :class:`dino_vos.runner.SequenceRunner` into ``OUT/<seq>/`` (propagated
   unless a finished result of the same settings is there), then J&F of its PNGs against the
@@ -24,11 +24,11 @@ from dino_vos.errors import DinoVosError, InputError
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
 from dino_vos.eval.vos.cache import CacheStats, FeatureCache
 from dino_vos.eval.vos.davis_data import DavisSequence, read_results
-from dino_vos.features import BackboneFeatures
+from dino_vos.features import BatchExtractor
 from dino_vos.runner import RunOutcome, SequenceRunner, map_in_processes, report_frame
 
 if TYPE_CHECKING:
-    from dino_vos.eval.vos.davis_main import DavisJob
+    from dino_vos.eval.vos.davis_job import DavisJob
 
 
 @dataclass
@@ -79,7 +79,7 @@ class SequenceEvaluator:
     def __init__(
         self,
         job: DavisJob,
-        features: BackboneFeatures | None = None,
+        features: BatchExtractor | None = None,
         fingerprint: str | None = None,
     ) -> None:
         if not job.scoring_only and features is None:
@@ -158,7 +158,7 @@ def _run_in_worker(sequence: DavisSequence) -> SequenceResult:
 def run_sequences(
     sequences: Sequence[DavisSequence],
     job: DavisJob,
-    features: BackboneFeatures | None = None,
+    features: BatchExtractor | None = None,
     fingerprint: str | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> list[SequenceResult]:
@@ -242,7 +242,7 @@ class DavisRun:
 def evaluate_davis(
     sequences: Sequence[DavisSequence],
     job: DavisJob,
-    features: BackboneFeatures | None = None,
+    features: BatchExtractor | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> DavisRun | None:
     """Run this rank's shard of ``job`` and merge on rank 0; returns None on the other ranks."""
