@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from queue import Full, Queue
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NoReturn, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -263,14 +263,19 @@ def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Iterator[T]:
             if kind == "end":
                 return
             if kind == "error":
-                if isinstance(value, (DinoVosError, OSError, KeyboardInterrupt)):
-                    raise value
-                raise FrameError(f"the frame decoding thread failed: {_describe(value)}") from value
+                _raise_producer_error(value)
             yield value
     finally:
         stop.set()
         thread.join(timeout=5.0)
         _LIVE_THREADS.pop(thread, None)
+
+
+def _raise_producer_error(error: BaseException) -> NoReturn:
+    """Raise an error of the decoding thread in the consumer (unexpected ones as FrameError)."""
+    if isinstance(error, (DinoVosError, OSError, KeyboardInterrupt)):
+        raise error
+    raise FrameError(f"the frame decoding thread failed: {_describe(error)}") from error
 
 
 def stop_decoding_threads(timeout: float = 5.0) -> None:

@@ -504,16 +504,32 @@ class _Trainer:
         if self.writer is not None:
             self.writer.log(record)
 
+    def _total_steps(self) -> int:
+        total = self.config.optim.epochs * self.iters_per_epoch
+        if self.config.train.max_steps is not None:
+            total = min(total, self.config.train.max_steps)
+        return total
+
+    def _count_unreadable(self, bad: int, skipped: int) -> int:
+        """Add this step's unreadable files (summed over ranks) to ``skipped`` and say so."""
+        newly = int(distributed.all_reduce_sum(torch.tensor(bad)).item())
+        if newly:
+            skipped += newly
+            self._note(
+                f"skipped {newly} unreadable file{'s' * (newly != 1)} at step "
+                f"{self.step} ({skipped} so far; the count is in the log)"
+            )
+        return skipped
+
     def _loop(self) -> TrainResult:
         config, per_epoch = self.config, self.iters_per_epoch
         epochs, batch = config.optim.epochs, config.optim.batch_size_per_gpu
-        total = epochs * per_epoch
-        if config.train.max_steps is not None:
-            total = min(total, config.train.max_steps)
+        total = self._total_steps()
         global_batch = batch * self.info.world_size
         self.t0 = time.perf_counter()
         interval, epoch_sums = _Interval(), _Interval()
-        skipped, last_loss, stopped, values = 0, None, "", {}
+        skipped, last_loss, stopped = 0, None, ""
+        values: dict[str, float] = {}
         context = progress_bar("images") if self.show_progress else nullcontext()
         with context as bar:
             task = None
@@ -524,19 +540,13 @@ class _Trainer:
                 for crops, bad in self.loader:
                     values = self.schedules.at(self.epoch * per_epoch + self.epoch_step, self.epoch)
                     metrics = self._train_step(crops, values)
-                    newly = int(distributed.all_reduce_sum(torch.tensor(bad)).item())
-                    if newly:
-                        skipped += newly
-                        self._note(
-                            f"skipped {newly} unreadable file{'s' * (newly != 1)} at step "
-                            f"{self.step} ({skipped} so far; the count is in the log)"
-                        )
+                    skipped = self._count_unreadable(bad, skipped)
                     self.step += 1
                     self.epoch_step += 1
                     last_loss = metrics[0]
                     interval.add(metrics, global_batch)
                     epoch_sums.add(metrics, global_batch)
-                    if bar is not None:
+                    if bar is not None and task is not None:
                         description = f"epoch {self.epoch} loss {last_loss:.3f}"
                         bar.update(task, advance=global_batch, description=description)
                     if self.step % config.train.log_every == 0:
