@@ -74,7 +74,7 @@ class Backbone(nn.Module):
 
     def __init__(
         self,
-        vit: nn.Module,
+        vit: Any,  # a timm ViT or Eva: its submodules are read by name
         name: str,
         pos_embed: PosEmbedMode = "auto",
         arch: Mapping[str, Any] | None = None,
@@ -122,7 +122,9 @@ class Backbone(nn.Module):
         """Tokens (B, T, D) entering the last block, and the patch grid (h, w)."""
         raise NotImplementedError
 
-    def cls_attention_row(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def cls_attention_row(
+        self, tokens: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Softmax(q_cls k^T * scale) of the last block over all tokens -> (B, heads, T), from
         the last block's input ``tokens`` (docs/protocol.md#attention-maps)."""
         raise NotImplementedError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
 from queue import Full, Queue
 from typing import Any, Literal, NoReturn, Protocol, TypeVar
@@ -223,7 +223,7 @@ def _embed_batch(
         yield frame, grid
 
 
-def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Iterator[T]:
+def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Generator[T, None, None]:
     """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
 
     Errors of the producer are raised in the consumer; when the consumer stops early (or

@@ -286,7 +286,7 @@ class VideoWriter:
     def write(self, rgb: np.ndarray) -> None:
         if self._writer is None:
             height, width = rgb.shape[:2]
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            fourcc = cv2.VideoWriter.fourcc(*"mp4v")
             self._writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (width, height))
             if not self._writer.isOpened():
                 raise InputError(f"cannot write video {self.path}: check the folder and extension")

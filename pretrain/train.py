@@ -311,7 +311,8 @@ class _Trainer:
                 "process(es): lower --batch-size or add data"
             )
         student, teacher = build_student_teacher(config)
-        patch = int(student.backbone.patch_embed.patch_size[0])
+        vit: Any = student.backbone
+        patch = int(vit.patch_embed.patch_size[0])
         self.autocast_dtype, use_scaler = resolve_precision(
             config.train.precision, self.device, patch
         )
@@ -473,8 +474,8 @@ class _Trainer:
                 teacher_output = self.teacher(crops[:2])
             student_output = self.student(crops)
             loss, stats = self.loss_fn(student_output, teacher_output, values["teacher_temp"])
-        metrics = torch.stack([loss.detach(), stats.entropy, stats.kl])
-        metrics = (distributed.all_reduce_sum(metrics) / self.info.world_size).tolist()
+        stacked = torch.stack([loss.detach(), stats.entropy, stats.kl])
+        metrics: list[float] = (distributed.all_reduce_sum(stacked) / self.info.world_size).tolist()
         if not math.isfinite(metrics[0]):
             raise TrainingDiverged(
                 f"loss is {metrics[0]} at step {self.step + 1} (epoch {self.epoch}): training "
