@@ -229,7 +229,9 @@ def default_backbone_name() -> str:
     """The backbone used when none is named: ``dino_vits8`` when its weights are cached or can
     be downloaded, else the model shipped with dino-vos (when present)."""
     shipped = _shipped_file(SHIPPED_BACKBONE)
-    default_timm = registered_backbone(DEFAULT_BACKBONE).timm_name  # type: ignore[union-attr]
+    entry = registered_backbone(DEFAULT_BACKBONE)
+    assert entry is not None and entry.timm_name is not None  # registered with its timm name
+    default_timm = entry.timm_name
     if shipped is None or hub.hub_cached_file(default_timm) is not None:
         return DEFAULT_BACKBONE
     return DEFAULT_BACKBONE if hub.online() else SHIPPED_BACKBONE
@@ -295,7 +297,7 @@ def _from_file(
     if named:
         timm_name, short_name = _resolve_name(name)  # type: ignore[arg-type]
         entry = registered_backbone(short_name) if short_name else None
-        kwargs = dict(entry.timm_kwargs) if entry is not None else {}
+        kwargs: dict[str, Any] = dict(entry.timm_kwargs) if entry is not None else {}
         arch: dict[str, Any] = {"model": timm_name.split(".")[0], "kwargs": kwargs}
         build = functools.partial(create_model, timm_name, **kwargs)
     else:
@@ -345,7 +347,9 @@ def load_backbone(
     if weights is None and shipped is not None:
         if not pretrained:  # the shipped architecture, freshly initialised
             recorded = load_backbone_weights(shipped)
-            arch = recorded.arch or infer_arch(recorded.state, recorded.num_heads)
+            arch: Mapping[str, Any] = recorded.arch or infer_arch(
+                recorded.state, recorded.num_heads
+            )
             backbone = Backbone(build_vit(arch), f"{name} (random init)", pos_embed, arch)
             backbone.weights_id = "random"
             return backbone.to(resolve_device(device)).eval()
@@ -364,7 +368,7 @@ def load_backbone(
                 f"'{name}' has no downloadable weights: pass its checkpoint with --weights PATH "
                 "(or --random-init)"
             )
-        kwargs = dict(entry.timm_kwargs) if entry is not None else {}
+        kwargs: dict[str, Any] = dict(entry.timm_kwargs) if entry is not None else {}
         if pretrained:
             model, weights_id = _pretrained_model(timm_name, short_name)
         else:

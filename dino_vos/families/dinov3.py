@@ -98,7 +98,8 @@ class Dinov3Backbone(Backbone):
             q = attn.q_proj(x[:, :1]).reshape(batch, 1, attn.num_heads, -1).transpose(1, 2)
             k = attn.k_proj(x).reshape(batch, length, attn.num_heads, -1).transpose(1, 2)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        rope = self.vit.rope.get_embed(shape=list(grid)).to(k.dtype)
+        rope_embed: Any = self.vit.rope  # timm's RotaryEmbeddingDinoV3
+        rope = rope_embed.get_embed(shape=list(grid)).to(k.dtype)
         prefix = attn.num_prefix_tokens
         rotated = apply_rot_embed_cat(k[:, :, prefix:], rope, half=attn.rotate_half)
         k = torch.cat([k[:, :, :prefix], rotated.type_as(k)], dim=2)
