@@ -294,8 +294,8 @@ def _from_file(
     """The model of a weights file: (model, arch, label, description of the file)."""
     loaded = load_backbone_weights(path, checkpoint_key)
     named = name is not None and not (shipped is not None and path == shipped)
-    if named:
-        timm_name, short_name = _resolve_name(name)  # type: ignore[arg-type]
+    if named and name is not None:
+        timm_name, short_name = _resolve_name(name)
         entry = registered_backbone(short_name) if short_name else None
         kwargs: dict[str, Any] = dict(entry.timm_kwargs) if entry is not None else {}
         arch: dict[str, Any] = {"model": timm_name.split(".")[0], "kwargs": kwargs}
@@ -361,7 +361,8 @@ def load_backbone(
         model, arch, label, source = _from_file(name, path, checkpoint_key, allow_partial, shipped)
         weights_id = f"file:{path.resolve()}:{path.stat().st_size}"
     else:
-        timm_name, short_name = _resolve_name(name)  # type: ignore[arg-type]
+        assert name is not None  # no weights file: a name (or the default) was resolved above
+        timm_name, short_name = _resolve_name(name)
         entry = registered_backbone(short_name) if short_name else None
         if pretrained and entry is not None and not entry.hub:
             raise BackboneError(
@@ -374,7 +375,7 @@ def load_backbone(
         else:
             model, weights_id = create_model(timm_name, **kwargs), "random"
         arch = {"model": timm_name.split(".")[0], "kwargs": kwargs}
-        label = name if pretrained else f"{name} (random init)"  # type: ignore[assignment]
+        label = name if pretrained else f"{name} (random init)"
         source = ""
     backbone = Backbone(model, label, pos_embed=pos_embed, arch=arch)
     backbone.weights_id = weights_id

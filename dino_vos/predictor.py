@@ -79,7 +79,8 @@ class PropagationState:
 
     @property
     def frame_size(self) -> tuple[int, int]:
-        return tuple(self.source.frame_size)  # type: ignore[return-value]
+        height, width = self.source.frame_size
+        return height, width
 
 
 def merge_keyframe(

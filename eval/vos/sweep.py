@@ -134,7 +134,8 @@ class SweepJob:
 
     @property
     def out_dir(self) -> Path:
-        return self.base.out_dir  # type: ignore[return-value]
+        assert self.base.out_dir is not None  # a sweep propagates: check() asks for --out
+        return self.base.out_dir
 
     @property
     def cache_dir(self) -> Path:
@@ -295,7 +296,8 @@ def _run_settings(
                 rows.append(_row(point, setting, "reused"))
             continue
         if features is None:  # built once (worker processes build their own per setting)
-            features = job.base.spec.build(announce=True)  # type: ignore[union-attr]
+            assert job.base.spec is not None  # a sweep propagates: check() asks for a backbone
+            features = job.base.spec.build(announce=True)
         run = run_davis(setting, features)
         if run is not None:
             rows.append(_row(point, setting, "propagated"))
