@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_davis_eval import write_davis
+from conftest import write_davis
 
 from dino_vos import writers
 from dino_vos.cli import main
