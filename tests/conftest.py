@@ -3,6 +3,8 @@ generated clips and DAVIS folders, the real-data location."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from PIL import Image
 
 from dino_vos.checkpoints import save_backbone_safetensors
+from dino_vos.cli import main
 from dino_vos.masks import write_indexed_png
 from dino_vos.sources import Frame
 from dino_vos.spec import BackboneSpec, ResizeSpec
@@ -152,3 +156,84 @@ def davis_args(root: Path, weights: Path, out: Path, *extra: object) -> list[obj
         "--davis-root", root, "--weights", weights, "--short-side", 64, "--device", "cpu",
         "--out", out, *extra,
     ]  # fmt: skip
+
+
+#: YouTube-VOS videos of :func:`write_youtube_vos`: name -> (frames, objects, {id: first frame})
+YOUTUBE_VOS_VIDEOS = {
+    "0a1b2c": (10, 3, {1: 0, 2: 0, 3: 4}),  # object 3 enters at the 5th frame ("00020")
+    "7f8e9d": (8, 1, {1: 2}),  # no object on the first two frames
+}
+
+
+def write_youtube_vos(root: Path) -> dict[str, np.ndarray]:
+    """``root/valid/{JPEGImages,Annotations,meta.json}`` with sparse annotations (each object on
+    its first frame only, as YouTube-VOS valid); returns the held-back full ground truth."""
+    split = root / "valid"
+    meta: dict = {"videos": {}}
+    truth = {}
+    for seed, (video, (frames, objects, starts)) in enumerate(YOUTUBE_VOS_VIDEOS.items()):
+        clip = make_clip(frames, (48, 80), num_objects=objects, seed=seed + 11)
+        names = [f"{5 * t:05d}" for t in range(frames)]  # every 5th frame, as in valid
+        gt = clip.masks.copy()
+        for object_id, start in starts.items():
+            gt[:start][gt[:start] == object_id] = 0  # not there yet
+        (split / "JPEGImages" / video).mkdir(parents=True)
+        (split / "Annotations" / video).mkdir(parents=True)
+        for name, image in zip(names, clip.frames, strict=True):
+            path = split / "JPEGImages" / video / f"{name}.jpg"
+            cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        for start in sorted(set(starts.values())):
+            new = [o for o, s in starts.items() if s == start]
+            sparse = np.where(np.isin(gt[start], new), gt[start], 0).astype(np.uint8)
+            write_indexed_png(split / "Annotations" / video / f"{names[start]}.png", sparse)
+        meta["videos"][video] = {
+            "objects": {
+                str(o): {"category": "thing", "frames": names[s:]} for o, s in starts.items()
+            }
+        }
+        truth[video] = gt
+    (split / "meta.json").write_text(json.dumps(meta))
+    return truth
+
+
+#: Class colours of :func:`write_images`.
+IMAGE_COLOURS = ((220, 40, 40), (40, 200, 60), (40, 80, 230), (230, 200, 30))
+
+
+def write_images(folder: Path, per_class: int, seed: int, size: int = 40) -> None:
+    """``folder/<class>/<i>.png``: noisy single-colour images with a random darker stripe."""
+    rng = np.random.default_rng(seed)
+    for label, colour in enumerate(IMAGE_COLOURS):
+        class_dir = folder / f"class{label}"
+        class_dir.mkdir(parents=True)
+        for i in range(per_class):
+            image = np.asarray(colour, np.float32) + rng.normal(0, 25, (size, size, 3))
+            row = rng.integers(0, size - 8)
+            image[row : row + 8] *= 0.6
+            rgb = np.clip(image, 0, 255).astype(np.uint8)
+            cv2.imwrite(str(class_dir / f"{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` -> a hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.blake2b(p.read_bytes(), digest_size=8).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def propagate(source: Path, mask: Path, out: Path, weights: Path, *extra: object):
+    """``dino-vos propagate`` with a tiny checkpoint on the CPU at a 64 px short side."""
+    args = ["propagate", source, "--mask", mask, "--out", out, "--weights", weights]
+    args += ["--short-side", "64", "--device", "cpu", *extra]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result, message: str) -> None:
+    """One ``Error:`` line holding ``message``, exit code 2, before any model loaded."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Backbone:" not in result.output  # refused before a model was loaded
+    assert "Traceback" not in result.output

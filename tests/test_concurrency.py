@@ -18,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_spec, write_davis
-from test_baselines import write_images
-from test_safety import assert_refused, propagate, snapshot
-from test_youtube_vos import write_youtube_vos
+from conftest import (
+    assert_refused,
+    propagate,
+    snapshot,
+    tiny_spec,
+    write_davis,
+    write_images,
+    write_youtube_vos,
+)
 
 from dino_vos import writers
 from dino_vos.api import propagate_to_folder
