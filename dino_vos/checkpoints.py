@@ -340,7 +340,7 @@ def extract_backbone_weights(
         fmt = _training_format(
             content, [_strip(k, WRAPPER_PREFIXES + NETWORK_PREFIXES) for k in raw]
         )
-    elif checkpoint_key is not None and _is_state_dict(content.get(checkpoint_key)):
+    elif checkpoint_key in content and _is_state_dict(content.get(checkpoint_key)):
         raw, network = content[checkpoint_key], checkpoint_key  # any entry, from the Python API
     else:
         wrapper = next(

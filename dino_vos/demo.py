@@ -9,7 +9,6 @@ import numpy as np
 
 from dino_vos.api import PropagationSummary, propagate_to_folder
 from dino_vos.defaults import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE
-from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor
 from dino_vos.masks import read_mask
 from dino_vos.propagation import PropagationConfig
@@ -69,8 +68,6 @@ def run_demo(
         clip_dir = out_dir / "clip"
         video, mask_dir = clip.write(clip_dir)
         mask = mask_dir / "00000.png"
-    if mask is None:
-        raise InputError("run_demo: a video needs its first-frame mask (mask=...)")
     summary = propagate_to_folder(
         video,
         mask,

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
 from queue import Full, Queue
-from typing import Any, Literal, NoReturn, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -271,7 +271,7 @@ def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Generator[T,
         _LIVE_THREADS.pop(thread, None)
 
 
-def _raise_producer_error(error: BaseException) -> NoReturn:
+def _raise_producer_error(error: BaseException) -> None:
     """Raise an error of the decoding thread in the consumer (unexpected ones as FrameError)."""
     if isinstance(error, (DinoVosError, OSError, KeyboardInterrupt)):
         raise error
