@@ -182,9 +182,10 @@ def infer_dinov3_arch(
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     gate = state.get("blocks.0.mlp.w1.weight", state.get("blocks.0.mlp.fc1_g.weight"))
     fc1 = state.get("blocks.0.mlp.fc1.weight")
-    if gate is None and fc1 is None:
+    mlp_in = gate if gate is not None else fc1
+    if mlp_in is None:
         raise _not_a_vit(state, "MLP in block 0 (blocks.0.mlp.fc1 or w1/w2/w3)")
-    hidden = int((gate if gate is not None else fc1).shape[0])  # type: ignore[union-attr]
+    hidden = int(mlp_in.shape[0])
     tokens = state.get("storage_tokens", state.get("reg_token"))
     heads = num_heads or _dinov3_heads(state, embed_dim)
     qkv_bias = _any_block_has(state, ".attn.qkv.bias") or _any_block_has(state, ".attn.q_bias")

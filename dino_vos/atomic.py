@@ -182,7 +182,7 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         if handler is None:  # installed outside Python: leave it alone
@@ -193,5 +193,5 @@ def deferred_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in dict.fromkeys(received):  # now, to the handler that was in place
-            os.kill(os.getpid(), signum)
+        for number in dict.fromkeys(received):  # now, to the handler that was in place
+            os.kill(os.getpid(), number)

@@ -74,7 +74,7 @@ class Backbone(nn.Module):
 
     def __init__(
         self,
-        vit: nn.Module,
+        vit: Any,  # a timm ViT or Eva: its submodules are read by name
         name: str,
         pos_embed: PosEmbedMode = "auto",
         arch: Mapping[str, Any] | None = None,
@@ -122,7 +122,9 @@ class Backbone(nn.Module):
         """Tokens (B, T, D) entering the last block, and the patch grid (h, w)."""
         raise NotImplementedError
 
-    def cls_attention_row(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def cls_attention_row(
+        self, tokens: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Softmax(q_cls k^T * scale) of the last block over all tokens -> (B, heads, T), from
         the last block's input ``tokens`` (docs/protocol.md#attention-maps)."""
         raise NotImplementedError
@@ -227,7 +229,9 @@ def default_backbone_name() -> str:
     """The backbone used when none is named: ``dino_vits8`` when its weights are cached or can
     be downloaded, else the model shipped with dino-vos (when present)."""
     shipped = _shipped_file(SHIPPED_BACKBONE)
-    default_timm = registered_backbone(DEFAULT_BACKBONE).timm_name  # type: ignore[union-attr]
+    entry = registered_backbone(DEFAULT_BACKBONE)
+    assert entry is not None and entry.timm_name is not None  # registered with its timm name
+    default_timm = entry.timm_name
     if shipped is None or hub.hub_cached_file(default_timm) is not None:
         return DEFAULT_BACKBONE
     return DEFAULT_BACKBONE if hub.online() else SHIPPED_BACKBONE
@@ -290,10 +294,10 @@ def _from_file(
     """The model of a weights file: (model, arch, label, description of the file)."""
     loaded = load_backbone_weights(path, checkpoint_key)
     named = name is not None and not (shipped is not None and path == shipped)
-    if named:
-        timm_name, short_name = _resolve_name(name)  # type: ignore[arg-type]
+    if named and name is not None:
+        timm_name, short_name = _resolve_name(name)
         entry = registered_backbone(short_name) if short_name else None
-        kwargs = dict(entry.timm_kwargs) if entry is not None else {}
+        kwargs: dict[str, Any] = dict(entry.timm_kwargs) if entry is not None else {}
         arch: dict[str, Any] = {"model": timm_name.split(".")[0], "kwargs": kwargs}
         build = functools.partial(create_model, timm_name, **kwargs)
     else:
@@ -343,7 +347,9 @@ def load_backbone(
     if weights is None and shipped is not None:
         if not pretrained:  # the shipped architecture, freshly initialised
             recorded = load_backbone_weights(shipped)
-            arch = recorded.arch or infer_arch(recorded.state, recorded.num_heads)
+            arch: Mapping[str, Any] = recorded.arch or infer_arch(
+                recorded.state, recorded.num_heads
+            )
             backbone = Backbone(build_vit(arch), f"{name} (random init)", pos_embed, arch)
             backbone.weights_id = "random"
             return backbone.to(resolve_device(device)).eval()
@@ -355,20 +361,21 @@ def load_backbone(
         model, arch, label, source = _from_file(name, path, checkpoint_key, allow_partial, shipped)
         weights_id = f"file:{path.resolve()}:{path.stat().st_size}"
     else:
-        timm_name, short_name = _resolve_name(name)  # type: ignore[arg-type]
+        assert name is not None  # no weights file: a name (or the default) was resolved above
+        timm_name, short_name = _resolve_name(name)
         entry = registered_backbone(short_name) if short_name else None
         if pretrained and entry is not None and not entry.hub:
             raise BackboneError(
                 f"'{name}' has no downloadable weights: pass its checkpoint with --weights PATH "
                 "(or --random-init)"
             )
-        kwargs = dict(entry.timm_kwargs) if entry is not None else {}
+        kwargs: dict[str, Any] = dict(entry.timm_kwargs) if entry is not None else {}
         if pretrained:
             model, weights_id = _pretrained_model(timm_name, short_name)
         else:
             model, weights_id = create_model(timm_name, **kwargs), "random"
         arch = {"model": timm_name.split(".")[0], "kwargs": kwargs}
-        label = name if pretrained else f"{name} (random init)"  # type: ignore[assignment]
+        label = name if pretrained else f"{name} (random init)"
         source = ""
     backbone = Backbone(model, label, pos_embed=pos_embed, arch=arch)
     backbone.weights_id = weights_id

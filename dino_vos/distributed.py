@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -171,7 +171,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
         dist.init_process_group("gloo", timeout=GATHER_TIMEOUT)
         group = None
     else:
-        group = dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
+        group = cast(dist.ProcessGroup, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT))
     try:
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(obj, gathered, dst=0, group=group)

@@ -165,7 +165,7 @@ class FeatureExporter:
         for batch_frames, batch in iter_batches(frames, self.features, batch_size):
             yield batch_frames, self.tensors(batch)
 
-    def metadata(self, frame_size: tuple[int, int]) -> dict[str, Any]:
+    def metadata(self, frame_size: Sequence[int]) -> dict[str, Any]:
         """What the exported tensors are: enough to map a patch back to frame pixels."""
         return {
             "format": "dino-vos-features",

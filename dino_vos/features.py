@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
 from queue import Full, Queue
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -295,7 +295,7 @@ def _embed_batch(
         yield frame, grid
 
 
-def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Iterator[T]:
+def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Generator[T, None, None]:
     """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
 
     Errors of the producer are raised in the consumer; when the consumer stops early (or
@@ -335,14 +335,19 @@ def prefetched(items: Iterable[T], depth: int = PREFETCH_FRAMES) -> Iterator[T]:
             if kind == "end":
                 return
             if kind == "error":
-                if isinstance(value, (DinoVosError, OSError, KeyboardInterrupt)):
-                    raise value
-                raise FrameError(f"the frame decoding thread failed: {_describe(value)}") from value
+                _raise_producer_error(value)
             yield value
     finally:
         stop.set()
         thread.join(timeout=5.0)
         _LIVE_THREADS.pop(thread, None)
+
+
+def _raise_producer_error(error: BaseException) -> None:
+    """Raise an error of the decoding thread in the consumer (unexpected ones as FrameError)."""
+    if isinstance(error, (DinoVosError, OSError, KeyboardInterrupt)):
+        raise error
+    raise FrameError(f"the frame decoding thread failed: {_describe(error)}") from error
 
 
 def stop_decoding_threads(timeout: float = 5.0) -> None:

@@ -29,7 +29,7 @@ def hub_cached_file(timm_name: str) -> Path | None:
                     return Path(found)
         except ImportError:
             pass
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         return torch_hub_file(Path(cfg.url).name)
     return None
 

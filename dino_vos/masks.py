@@ -133,7 +133,7 @@ def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     if labels.shape == tuple(size_hw):
         return labels
     image = Image.fromarray(labels.astype(np.uint8))
-    return np.array(image.resize((size_hw[1], size_hw[0]), Image.NEAREST))
+    return np.array(image.resize((size_hw[1], size_hw[0]), Image.Resampling.NEAREST))
 
 
 def downsample_labels(labels: np.ndarray, size_hw: tuple[int, int], mode: str) -> np.ndarray:
@@ -250,7 +250,7 @@ def read_keyframes(
             files = [f for f in files if f.stem in names or natural_key(f.stem) < last]
         for file in files:
             if file.stem not in names:
-                nearest = ", ".join(f"{name}.png" for name in nearest_names(file.stem, names))
+                nearest = ", ".join(f"{name}.png" for name in nearest_names(file.stem, list(names)))
                 raise InputError(
                     f"masks folder {folder}: {file.name} is named like no frame of {source.path} "
                     f"(nearest: {nearest}); rename it to the frame it annotates"

@@ -67,7 +67,7 @@ def _misfit(
 
 
 def _timm_layout(
-    vit: nn.Module, weights: BackboneWeights, source: str, named: bool
+    vit: Any, weights: BackboneWeights, source: str, named: bool
 ) -> dict[str, torch.Tensor]:
     """The state dict with timm keys: DINOv2's layout goes through timm's own checkpoint filter
     (``mask_token`` dropped, ``register_tokens`` -> ``reg_token`` with the CLS position folded
@@ -164,7 +164,7 @@ def load_state(
 
 
 def _dinov3_timm_layout(
-    vit: nn.Module,
+    vit: eva.Eva,
     state: dict[str, torch.Tensor],
     weights: BackboneWeights,
     source: str,

@@ -484,33 +484,9 @@ def _undo_interrupted_commit(out_dir: Path, announce: Any = None) -> None:
     backup = out_dir / BACKUP_NAME
     if not backup.is_dir() or backup.is_symlink():
         return
-    try:
-        journal = json.loads((backup / JOURNAL_NAME).read_text())
-    except (OSError, ValueError):
-        journal = []
-    if isinstance(journal, dict):  # {"moving": "out"|"in", "new_files": [...]}
-        new_files = journal.get("new_files", []) if journal.get("moving") == "in" else []
-    else:  # a list: the journal of an older dino-vos, written before the moves
-        new_files = journal
-    if not isinstance(new_files, list):
-        new_files = []
     if not is_result_folder(out_dir):  # the commit stopped before its manifest
-        removed = restored = 0
-        for name in new_files:  # only once new files moved in: before, these are the old ones
-            if entry_problem(out_dir, name) is None and (out_dir / name).is_file():
-                with contextlib.suppress(OSError):
-                    (out_dir / name).unlink()
-                    removed += 1
-        for source in sorted(backup.rglob("*")):
-            relative = source.relative_to(backup).as_posix()
-            if source.is_symlink() or not source.is_file() or relative == JOURNAL_NAME:
-                continue
-            if relative != MANIFEST_NAME and entry_problem(out_dir, relative) is not None:
-                continue
-            target = out_dir / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-            restored += 1
+        removed = _remove_new_files(out_dir, _journal_new_files(backup))
+        restored = _restore_backup(out_dir, backup)
         if announce is not None:
             announce(
                 f"Restored the previous result in {out_dir} (a commit was interrupted: "
@@ -519,3 +495,41 @@ def _undo_interrupted_commit(out_dir: Path, announce: Any = None) -> None:
     elif announce is not None:
         announce(f"Removed {backup} left by an interrupted run (its commit had completed)")
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _journal_new_files(backup: Path) -> list[Any]:
+    """The files an interrupted commit had moved in, by its journal ([] if unreadable)."""
+    try:
+        journal = json.loads((backup / JOURNAL_NAME).read_text())
+    except (OSError, ValueError):
+        journal = []
+    if isinstance(journal, dict):  # {"moving": "out"|"in", "new_files": [...]}
+        new_files = journal.get("new_files", []) if journal.get("moving") == "in" else []
+    else:  # a list: the journal of an older dino-vos, written before the moves
+        new_files = journal
+    return new_files if isinstance(new_files, list) else []
+
+
+def _remove_new_files(out_dir: Path, new_files: list[Any]) -> int:
+    removed = 0
+    for name in new_files:  # only once new files moved in: before, these are the old ones
+        if entry_problem(out_dir, name) is None and (out_dir / name).is_file():
+            with contextlib.suppress(OSError):
+                (out_dir / name).unlink()
+                removed += 1
+    return removed
+
+
+def _restore_backup(out_dir: Path, backup: Path) -> int:
+    restored = 0
+    for source in sorted(backup.rglob("*")):
+        relative = source.relative_to(backup).as_posix()
+        if source.is_symlink() or not source.is_file() or relative == JOURNAL_NAME:
+            continue
+        if relative != MANIFEST_NAME and entry_problem(out_dir, relative) is not None:
+            continue
+        target = out_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        restored += 1
+    return restored

@@ -79,7 +79,8 @@ class PropagationState:
 
     @property
     def frame_size(self) -> tuple[int, int]:
-        return tuple(self.source.frame_size)  # type: ignore[return-value]
+        height, width = self.source.frame_size
+        return height, width
 
 
 def merge_keyframe(
@@ -194,8 +195,8 @@ class VideoPropagator:
             with FrameStore(store_dir) as store:
                 for frame, features in self._embedded(self._until(state.source, last)):
                     store.put(frame, features)
-                frames = ((store.frame(i), store.features(i)) for i in range(last, -1, -1))
-                yield from self._pass(frames, state.masks, state.objects)
+                stored = ((store.frame(i), store.features(i)) for i in range(last, -1, -1))
+                yield from self._pass(stored, state.masks, state.objects)
         else:
             if start is not None:
                 raise InputError("direction 'both' covers the whole video: give no start frame")
@@ -284,6 +285,7 @@ class VideoPropagator:
                 engine.reset(features, labels.to(features.device))
                 yield FrameResult(frame.index, frame.name, mask, None, object_ids, frame.image)
                 continue
+            soft: torch.Tensor | None
             soft = engine.predict(features) if mask is not None else engine.step(features)
             ids = self.labels(soft, object_ids, size, frame.image)
             if mask is not None:  # a keyframe: correct, add objects, keep as a reference
@@ -293,7 +295,7 @@ class VideoPropagator:
                     object_ids = ObjectIds((*object_ids.ids, *new))
                     engine.add_classes(len(new))
                 grid = features.shape[:2]
-                labels = object_ids.one_hot(self._grid_labels(ids, tuple(grid)))
+                labels = object_ids.one_hot(self._grid_labels(ids, (grid[0], grid[1])))
                 engine.add_reference(features, labels.to(features.device))
                 soft = None
             yield FrameResult(frame.index, frame.name, ids, soft, object_ids, frame.image)
@@ -326,6 +328,7 @@ class VideoPropagator:
                     ids = forward_ids[index]
                     yield FrameResult(index, result.name, finished[index], None, ids, result.image)
                     continue
+                assert result.soft is not None  # the backward pass keeps its soft maps
                 if index < first:  # only the first keyframe's objects exist before it
                     ids, weight = forward_ids[first], 0.0
                     forward = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])

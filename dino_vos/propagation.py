@@ -265,24 +265,28 @@ class LabelPropagator:
         """Number of frames the next step attends to (first frame + recent frames)."""
         return self._buffer.count if self._buffer is not None else 0
 
-    def _target(self, features: torch.Tensor) -> torch.Tensor:
+    def _context(self) -> _ContextBuffer:
         if self._buffer is None:
             raise RuntimeError("call reset() with the first frame first")
-        if features.shape[:2] != (self._buffer.geometry.height, self._buffer.geometry.width):
+        return self._buffer
+
+    def _target(self, features: torch.Tensor) -> torch.Tensor:
+        geometry = self._context().geometry
+        if features.shape[:2] != (geometry.height, geometry.width):
             raise ValueError(f"feature grid {tuple(features.shape[:2])} changed within a video")
         return F.normalize(features.float(), dim=-1)
 
     def step(self, features: torch.Tensor) -> torch.Tensor:
         """Soft labels (C, h, w) for a target frame's features (h, w, D); updates the queue."""
         target = self._target(features)
-        soft = self._soft_labels(target, self._buffer)  # type: ignore[arg-type]
+        soft = self._soft_labels(target, self._context())
         if self.config.context:
-            self._buffer.put(target, soft)  # type: ignore[union-attr]
+            self._context().put(target, soft)
         return soft
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Soft labels (C, h, w) for a frame's features, leaving the context as it is."""
-        return self._soft_labels(self._target(features), self._buffer)  # type: ignore[arg-type]
+        return self._soft_labels(self._target(features), self._context())
 
     @property
     def num_classes(self) -> int:
@@ -306,7 +310,7 @@ class LabelPropagator:
         target = self._target(features)
         if labels.shape != (self.num_classes, *target.shape[:2]):
             raise ValueError("labels do not match the grid and the classes of the context")
-        self._buffer = self._buffer.with_reference(  # type: ignore[union-attr]
+        self._buffer = self._context().with_reference(
             target, labels.float(), self.config.max_references
         )
 

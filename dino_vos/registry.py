@@ -62,12 +62,17 @@ def registered_backbone(name: str) -> RegisteredBackbone | None:
     return _REGISTRY.get(name)
 
 
+def _missing(shipped_file: Path | None) -> bool:
+    """A shipped model's weights file is absent (False for models that are not shipped)."""
+    return shipped_file is not None and not shipped_file.is_file()
+
+
 def backbone_names(available_only: bool = True) -> list[str]:
     """Registered short names; with ``available_only``, shipped models whose file is present."""
     return [
         name
         for name, entry in _REGISTRY.items()
-        if not (available_only and entry.shipped and not entry.shipped_file.is_file())  # type: ignore[union-attr]
+        if not (available_only and _missing(entry.shipped_file))
     ]
 
 

@@ -80,7 +80,7 @@ class MemorySource:
 
     @property
     def frame_size(self) -> tuple[int, int]:
-        return tuple(self.frames[0].image.shape[:2])  # type: ignore[return-value]
+        return tuple(self.frames[0].image.shape[:2])
 
 
 def natural_key(text: str) -> list[object]:
@@ -222,7 +222,7 @@ class OpenCVVideoSource(_VideoFile):
         self.path = Path(path)
         capture = cv2.VideoCapture(str(self.path))
         ok, first = capture.read() if capture.isOpened() else (False, None)
-        if not ok:
+        if not ok or first is None:
             capture.release()
             raise InputError(f"cannot decode video {self.path}: no readable frames")
         count = 1

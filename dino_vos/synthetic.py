@@ -82,7 +82,7 @@ class SyntheticClip:
         if video is not None:
             height, width = self.frames.shape[1:3]
             writer = cv2.VideoWriter(
-                str(video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+                str(video), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height)
             )
             for frame in self.frames:
                 writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
@@ -94,8 +94,8 @@ def _texture(
     rng: np.random.Generator, height: int, width: int, base, amplitude: float, grain: int = 8
 ):
     """A smooth random luminance texture around colour ``base`` (H, W, 3) float32."""
-    noise = rng.normal(0, 1, (height // grain + 2, width // grain + 2)).astype(np.float32)
-    noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
+    coarse = rng.normal(0, 1, (height // grain + 2, width // grain + 2)).astype(np.float32)
+    noise = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)[..., None]
     return np.clip(np.asarray(base, np.float32) + amplitude * noise, 0, 255)
 
 

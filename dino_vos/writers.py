@@ -200,8 +200,9 @@ class OutputSink:
                 moved_in.append(name)
             atomic_write_json(self.out_dir / MANIFEST_NAME, {**manifest, "outputs": new_files})
             wrote_manifest = True
-            if self._staged_video is not None and self._staged_video.is_file():
-                _place_overlay(self._staged_video, self.overlay)  # type: ignore[arg-type]
+            staged, overlay = self._staged_video, self.overlay
+            if staged is not None and overlay is not None and staged.is_file():
+                _place_overlay(staged, overlay)
         except BaseException:
             with deferred_interrupts():  # a second Ctrl-C must not stop the rollback
                 if wrote_manifest and MANIFEST_NAME not in moved_out:
@@ -286,7 +287,7 @@ class VideoWriter:
     def write(self, rgb: np.ndarray) -> None:
         if self._writer is None:
             height, width = rgb.shape[:2]
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            fourcc = cv2.VideoWriter.fourcc(*"mp4v")
             self._writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (width, height))
             if not self._writer.isOpened():
                 raise InputError(f"cannot write video {self.path}: check the folder and extension")

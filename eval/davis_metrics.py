@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -258,10 +259,10 @@ class ObjectScores:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> ObjectScores:
+    def from_dict(cls, data: dict[str, Any]) -> ObjectScores:
         return cls(
             str(data["sequence"]),
-            int(data["object_id"]),  # type: ignore[arg-type]
+            int(data["object_id"]),
             np.asarray(data["J"], dtype=np.float64),
             np.asarray(data["F"], dtype=np.float64),
         )

@@ -28,6 +28,7 @@ VERSION = 1
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as plain data."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # legacy=True (the default): the MT19937 tuple
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -276,6 +277,51 @@ def _field_types(obj: Any) -> dict[str, Any]:
     return get_type_hints(type(obj))
 
 
+_MISMATCH = object()  # a converter's "this value does not fit the annotation"
+
+
+def _as_bool(value: Any) -> Any:
+    return value if isinstance(value, bool) else _MISMATCH
+
+
+def _as_int(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _MISMATCH
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return _MISMATCH
+
+
+def _as_float(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return _MISMATCH
+
+
+def _as_str(value: Any) -> Any:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    return _MISMATCH
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _as_bool,
+    int: _as_int,
+    float: _as_float,
+    str: _as_str,
+}
+
+
+def _as_list(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        return [_coerce(v, args[0], key) if args else v for v in value]
+    return _MISMATCH
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert a parsed value against a dataclass field annotation."""
     origin = get_origin(annotation)
@@ -285,31 +331,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         annotation = next(a for a in args if a is not type(None))
         origin, args = get_origin(annotation), get_args(annotation)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
+    if annotation in _SCALARS:
+        result = _SCALARS[annotation](value)
     elif origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple):
-            return [_coerce(v, args[0], key) if args else v for v in value]
+        result = _as_list(value, args, key)
     elif origin is dict:
-        if isinstance(value, dict):
-            return copy.deepcopy(value)
+        result = copy.deepcopy(value) if isinstance(value, dict) else _MISMATCH
     else:
         return value
-    raise InputError(f"config key '{key}' expects {annotation}, got {value!r}")
+    if result is _MISMATCH:
+        raise InputError(f"config key '{key}' expects {annotation}, got {value!r}")
+    return result
 
 
 def apply_dict(config: Any, values: dict[str, Any], prefix: str = "") -> None:

@@ -46,6 +46,7 @@ class DINOLoss(nn.Module):
         self.num_global_crops = num_global_crops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.center: torch.Tensor
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(
@@ -53,10 +54,10 @@ class DINOLoss(nn.Module):
     ) -> tuple[torch.Tensor, LossStats]:
         """``student_output``: (num_crops * B, K); ``teacher_output``: (num_global * B, K)."""
         student_output, teacher_output = _widen(student_output), _widen(teacher_output)
-        student_logp = F.log_softmax(student_output / self.student_temp, dim=-1)
-        student_logp = student_logp.chunk(self.num_crops)
-        teacher_p = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach()
-        teacher_p = teacher_p.chunk(self.num_global_crops)
+        student_all = F.log_softmax(student_output / self.student_temp, dim=-1)
+        student_logp = student_all.chunk(self.num_crops)
+        teacher_all = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach()
+        teacher_p = teacher_all.chunk(self.num_global_crops)
         total = student_output.new_zeros(())
         pairs = 0
         for i, q in enumerate(teacher_p):

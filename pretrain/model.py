@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,11 +125,11 @@ def build_student_teacher(config: PretrainConfig) -> tuple[MultiCropWrapper, Mul
     norm normalises the teacher's batch with its own statistics.
     """
     arch = config.arch()
-    student_vit = build_vit(arch, drop_path_rate=config.student.drop_path_rate)
+    student_vit: Any = build_vit(arch, drop_path_rate=config.student.drop_path_rate)
     if student_vit.cls_token is not None:
         trunc_normal_(student_vit.cls_token, std=0.02)
     student = MultiCropWrapper(student_vit, build_head(config, student_vit.embed_dim))
-    teacher_vit = build_vit(arch, drop_path_rate=0.0)
+    teacher_vit: Any = build_vit(arch, drop_path_rate=0.0)
     teacher = MultiCropWrapper(teacher_vit, build_head(config, teacher_vit.embed_dim))
     teacher.load_state_dict(student.state_dict())
     for param in teacher.parameters():
@@ -139,7 +140,7 @@ def build_student_teacher(config: PretrainConfig) -> tuple[MultiCropWrapper, Mul
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """EMA: ``teacher <- momentum * teacher + (1 - momentum) * student`` for every parameter."""
-    teacher_params = list(teacher.parameters())
+    teacher_params: list[torch.Tensor] = list(teacher.parameters())
     student_params = [p.detach() for p in student.parameters()]
     if len(teacher_params) != len(student_params):
         raise RuntimeError("student and teacher have different parameter lists")

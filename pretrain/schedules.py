@@ -20,7 +20,9 @@ def cosine_schedule(
     """
     total = epochs * iters_per_epoch
     warmup_iters = min(warmup_epochs * iters_per_epoch, total)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters else []
+    warmup: np.ndarray | list[float] = []
+    if warmup_iters:
+        warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     steps = np.arange(total - warmup_iters)
     cosine = final_value + 0.5 * (base_value - final_value) * (
         1 + np.cos(np.pi * steps / max(len(steps), 1))

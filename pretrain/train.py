@@ -318,7 +318,8 @@ class _Trainer:
                 "process(es): lower --batch-size or add data"
             )
         student, teacher = build_student_teacher(config)
-        patch = int(student.backbone.patch_embed.patch_size[0])
+        vit: Any = student.backbone
+        patch = int(vit.patch_embed.patch_size[0])
         self.autocast_dtype, use_scaler = resolve_precision(
             config.train.precision, self.device, patch
         )
@@ -480,8 +481,8 @@ class _Trainer:
                 teacher_output = self.teacher(crops[:2])
             student_output = self.student(crops)
             loss, stats = self.loss_fn(student_output, teacher_output, values["teacher_temp"])
-        metrics = torch.stack([loss.detach(), stats.entropy, stats.kl])
-        metrics = (distributed.all_reduce_sum(metrics) / self.info.world_size).tolist()
+        stacked = torch.stack([loss.detach(), stats.entropy, stats.kl])
+        metrics: list[float] = (distributed.all_reduce_sum(stacked) / self.info.world_size).tolist()
         if not math.isfinite(metrics[0]):
             raise TrainingDiverged(
                 f"loss is {metrics[0]} at step {self.step + 1} (epoch {self.epoch}): training "
@@ -511,16 +512,32 @@ class _Trainer:
         if self.writer is not None:
             self.writer.log(record)
 
+    def _total_steps(self) -> int:
+        total = self.config.optim.epochs * self.iters_per_epoch
+        if self.config.train.max_steps is not None:
+            total = min(total, self.config.train.max_steps)
+        return total
+
+    def _count_unreadable(self, bad: int, skipped: int) -> int:
+        """Add this step's unreadable files (summed over ranks) to ``skipped`` and say so."""
+        newly = int(distributed.all_reduce_sum(torch.tensor(bad)).item())
+        if newly:
+            skipped += newly
+            self._note(
+                f"skipped {newly} unreadable file{'s' * (newly != 1)} at step "
+                f"{self.step} ({skipped} so far; the count is in the log)"
+            )
+        return skipped
+
     def _loop(self) -> TrainResult:
         config, per_epoch = self.config, self.iters_per_epoch
         epochs, batch = config.optim.epochs, config.optim.batch_size_per_gpu
-        total = epochs * per_epoch
-        if config.train.max_steps is not None:
-            total = min(total, config.train.max_steps)
+        total = self._total_steps()
         global_batch = batch * self.info.world_size
         self.t0 = time.perf_counter()
         interval, epoch_sums = _Interval(), _Interval()
-        skipped, last_loss, stopped, values = 0, None, "", {}
+        skipped, last_loss, stopped = 0, None, ""
+        values: dict[str, float] = {}
         context = progress_bar("images") if self.show_progress else nullcontext()
         with context as bar:
             task = None
@@ -531,19 +548,13 @@ class _Trainer:
                 for crops, bad in self.loader:
                     values = self.schedules.at(self.epoch * per_epoch + self.epoch_step, self.epoch)
                     metrics = self._train_step(crops, values)
-                    newly = int(distributed.all_reduce_sum(torch.tensor(bad)).item())
-                    if newly:
-                        skipped += newly
-                        self._note(
-                            f"skipped {newly} unreadable file{'s' * (newly != 1)} at step "
-                            f"{self.step} ({skipped} so far; the count is in the log)"
-                        )
+                    skipped = self._count_unreadable(bad, skipped)
                     self.step += 1
                     self.epoch_step += 1
                     last_loss = metrics[0]
                     interval.add(metrics, global_batch)
                     epoch_sums.add(metrics, global_batch)
-                    if bar is not None:
+                    if bar is not None and task is not None:
                         description = f"epoch {self.epoch} loss {last_loss:.3f}"
                         bar.update(task, advance=global_batch, description=description)
                     if self.step % config.train.log_every == 0:

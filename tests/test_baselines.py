@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import requires_shared_data
+from conftest import requires_shared_data, write_images
 from safetensors import safe_open
 
 import dino_vos.eval.image.image_features as features_module
@@ -42,22 +42,10 @@ ARCH = {
     "kwargs": {"patch_size": 8, "depth": 2, "img_size": 32, "embed_dim": 48, "num_heads": 3},
 }
 #: Class colours (RGB): the classes differ in colour, images add noise and a random stripe.
-COLOURS = ((220, 40, 40), (40, 200, 60), (40, 80, 230), (230, 200, 30))
 IMAGE_SIZE = 32
 
 
-def write_images(folder: Path, per_class: int, seed: int, size: int = 40) -> None:
-    """``folder/<class>/<i>.png``: noisy single-colour images with a random darker stripe."""
-    rng = np.random.default_rng(seed)
-    for label, colour in enumerate(COLOURS):
-        class_dir = folder / f"class{label}"
-        class_dir.mkdir(parents=True)
-        for i in range(per_class):
-            image = np.asarray(colour, np.float32) + rng.normal(0, 25, (size, size, 3))
-            row = rng.integers(0, size - 8)
-            image[row : row + 8] *= 0.6
-            rgb = np.clip(image, 0, 255).astype(np.uint8)
-            cv2.imwrite(str(class_dir / f"{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_baselines import write_images
-from test_davis_eval import write_davis
-from test_safety import assert_refused, propagate, snapshot
-from test_youtube_vos import write_youtube_vos
+from conftest import (
+    assert_refused,
+    propagate,
+    snapshot,
+    tiny_spec,
+    write_davis,
+    write_images,
+    write_youtube_vos,
+)
 
 from dino_vos import writers
 from dino_vos.api import propagate_to_folder
@@ -58,11 +63,7 @@ def _wait_for(condition, process: subprocess.Popen | None = None, timeout: float
 
 
 def _tiny_features(weights: Path):
-    from dino_vos.spec import BackboneSpec, ResizeSpec
-
-    return BackboneSpec(
-        weights=str(weights), resize=ResizeSpec(short_side=64), device="cpu"
-    ).build()
+    return tiny_spec(weights).build()
 
 
 # --- 1. two runs into one folder ------------------------------------------------------------

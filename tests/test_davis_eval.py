@@ -16,7 +16,9 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SHARED_DATA, requires_shared_data
+from conftest import DAVIS_SEQUENCES as SEQUENCES
+from conftest import SHARED_DATA, requires_shared_data, write_davis
+from conftest import davis_args as run_args
 from PIL import Image
 
 from dino_vos.cli import main
@@ -24,36 +26,7 @@ from dino_vos.eval.davis_metrics import GLOBAL_COLUMNS, score_frames
 from dino_vos.eval.vos.davis_data import DavisDataset, read_split_file
 from dino_vos.eval.vos.davis_sequences import merge_results, shard_sequences
 from dino_vos.masks import read_mask, write_indexed_png
-from dino_vos.synthetic import make_clip
 from dino_vos.writers import MANIFEST_NAME, STAGING_NAME
-
-#: name -> (annotation style, objects, frames, (H, W))
-SEQUENCES = {
-    "alpha": (2017, 2, 8, (48, 80)),
-    "beta": (2016, 1, 7, (48, 80)),
-    "gamma": (2017, 3, 40, (72, 120)),  # long enough to be killed mid-sequence
-}
-
-
-def write_davis(root: Path, sequences: dict = SEQUENCES, split: str | None = "val") -> Path:
-    """A DAVIS layout: JPEG frames, 2016 grayscale or 2017 indexed annotations, a split file."""
-    for index, (name, (style, objects, frames, size)) in enumerate(sequences.items()):
-        clip = make_clip(frames, size, num_objects=objects, seed=index + 1)
-        frame_dir = root / "JPEGImages" / "480p" / name
-        mask_dir = root / "Annotations" / "480p" / name
-        frame_dir.mkdir(parents=True)
-        mask_dir.mkdir(parents=True)
-        for t, (frame, mask) in enumerate(zip(clip.frames, clip.masks, strict=True)):
-            cv2.imwrite(str(frame_dir / f"{t:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            if style == 2016:
-                gray = np.where(mask > 0, 255, 0).astype(np.uint8)
-                Image.fromarray(gray, mode="L").save(mask_dir / f"{t:05d}.png")
-            else:
-                write_indexed_png(mask_dir / f"{t:05d}.png", mask)
-    if split is not None:
-        (root / "ImageSets" / "2017").mkdir(parents=True)
-        (root / "ImageSets" / "2017" / f"{split}.txt").write_text("\n".join(sequences) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +37,6 @@ def davis_root(tmp_path_factory) -> Path:
 def invoke(*args: object) -> object:
     result = CliRunner().invoke(main, ["eval", "davis", *map(str, args)])
     return result
-
-
-def run_args(root: Path, weights: Path, out: Path, *extra: object) -> list[object]:
-    return [
-        "--davis-root", root, "--weights", weights, "--short-side", 64, "--device", "cpu",
-        "--out", out, *extra,
-    ]  # fmt: skip
 
 
 def read_csv(path: Path) -> list[list[str]]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_davis_eval import run_args, write_davis
+from conftest import davis_args as run_args
+from conftest import write_davis
 
 from dino_vos.cli import main
 

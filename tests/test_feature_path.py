@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, requires_shared_data
+from conftest import SHARED_DATA, requires_shared_data, tiny_spec
 
 from dino_vos.errors import InputError
 from dino_vos.features import BackboneFeatures, embed_frames, prefetched
@@ -29,9 +29,7 @@ def clip():
 
 
 def _features(weights: Path, batch_size: int, precision: str = "fp32") -> BackboneFeatures:
-    spec = BackboneSpec(weights=str(weights), resize=ResizeSpec(64), device="cpu",
-                        batch_size=batch_size, precision=precision)  # fmt: skip
-    return spec.build()
+    return tiny_spec(weights, batch_size=batch_size, precision=precision).build()
 
 
 def test_batched_features_equal_one_at_a_time(clip, tiny_weights):

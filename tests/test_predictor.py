@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_propagation import ColourFeatures
+from conftest import ColourFeatures
 
 from dino_vos.errors import InputError
 from dino_vos.features import PREFETCH_FRAMES

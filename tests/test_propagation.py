@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ColourFeatures
 
 from dino_vos.dense_reference import dense_propagate, window_mask
 from dino_vos.masks import ObjectIds, resize_labels
@@ -241,20 +242,6 @@ def test_labels_from_soft_edge_cases_match_reference(case):
         soft[2] = 0.5
     for patch in (1, 8):
         assert torch.equal(labels_from_soft(soft, patch), _reference_labels(soft.clone(), patch))
-
-
-class ColourFeatures:
-    """A backbone stand-in: per-patch mean colour, centred (known, discriminative features)."""
-
-    patch_size = 2
-
-    def input_size(self, height: int, width: int) -> tuple[int, int]:
-        return height - height % 2, width - width % 2
-
-    def __call__(self, frame: Frame) -> torch.Tensor:
-        h, w = self.input_size(*frame.image.shape[:2])
-        image = torch.from_numpy(frame.image[:h, :w]).float().permute(2, 0, 1) / 255 - 0.45
-        return F.avg_pool2d(image[None], 2)[0].permute(1, 2, 0)
 
 
 def _jaccard(pred: np.ndarray, gt: np.ndarray, object_id: int) -> float:

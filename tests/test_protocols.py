@@ -297,7 +297,7 @@ def test_cli_protocol_is_recorded_and_explicit_options_override(clip_dir, tiny_w
 
 
 def test_eval_davis_does_not_reuse_dino_results_for_dinov3(tiny_weights, tmp_path):
-    from test_davis_eval import write_davis
+    from conftest import write_davis
 
     root = write_davis(tmp_path / "davis", {"alpha": (2017, 2, 5, (48, 80))})
     out = tmp_path / "out"
@@ -321,7 +321,7 @@ def test_eval_davis_does_not_reuse_dino_results_for_dinov3(tiny_weights, tmp_pat
 
 
 def test_sweep_under_dinov3_keeps_the_protocol(tiny_weights, tmp_path):
-    from test_davis_eval import write_davis
+    from conftest import write_davis
 
     root = write_davis(tmp_path / "davis", {"alpha": (2017, 2, 5, (48, 80))})
 

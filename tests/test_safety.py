@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_davis_eval import write_davis
+from conftest import assert_refused, propagate, snapshot, write_davis
 
 from dino_vos import writers
 from dino_vos.cli import main
@@ -24,29 +23,6 @@ from dino_vos.outputs import (
     remove_stale_staging,
 )
 from dino_vos.writers import OutputSink
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file below ``folder`` -> a hash of its bytes."""
-    return {
-        str(p.relative_to(folder)): hashlib.blake2b(p.read_bytes(), digest_size=8).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def propagate(source: Path, mask: Path, out: Path, weights: Path, *extra: object):
-    args = ["propagate", source, "--mask", mask, "--out", out, "--weights", weights]
-    args += ["--short-side", "64", "--device", "cpu", *extra]
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_refused(result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and message in errors[0], result.output
-    assert "Backbone:" not in result.output  # refused before a model was loaded
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture()

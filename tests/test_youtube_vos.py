@@ -6,54 +6,18 @@ import json
 import zipfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import YOUTUBE_VOS_VIDEOS as VIDEOS
+from conftest import write_youtube_vos
 
 from dino_vos.cli import main
 from dino_vos.eval.davis_metrics import score_frames
-from dino_vos.masks import read_mask, write_indexed_png
-from dino_vos.synthetic import make_clip
+from dino_vos.masks import read_mask
+
 
 #: video -> (frames, objects, {object id: first frame index})
-VIDEOS = {
-    "0a1b2c": (10, 3, {1: 0, 2: 0, 3: 4}),  # object 3 enters at the 5th frame ("00020")
-    "7f8e9d": (8, 1, {1: 2}),  # no object on the first two frames
-}
-
-
-def write_youtube_vos(root: Path) -> dict[str, np.ndarray]:
-    """``root/valid/{JPEGImages,Annotations,meta.json}`` with sparse annotations (each object on
-    its first frame only, as YouTube-VOS valid); returns the held-back full ground truth."""
-    split = root / "valid"
-    meta: dict = {"videos": {}}
-    truth = {}
-    for seed, (video, (frames, objects, starts)) in enumerate(VIDEOS.items()):
-        clip = make_clip(frames, (48, 80), num_objects=objects, seed=seed + 11)
-        names = [f"{5 * t:05d}" for t in range(frames)]  # every 5th frame, as in valid
-        gt = clip.masks.copy()
-        for object_id, start in starts.items():
-            gt[:start][gt[:start] == object_id] = 0  # not there yet
-        (split / "JPEGImages" / video).mkdir(parents=True)
-        (split / "Annotations" / video).mkdir(parents=True)
-        for name, image in zip(names, clip.frames, strict=True):
-            path = split / "JPEGImages" / video / f"{name}.jpg"
-            cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        for start in sorted(set(starts.values())):
-            new = [o for o, s in starts.items() if s == start]
-            sparse = np.where(np.isin(gt[start], new), gt[start], 0).astype(np.uint8)
-            write_indexed_png(split / "Annotations" / video / f"{names[start]}.png", sparse)
-        meta["videos"][video] = {
-            "objects": {
-                str(o): {"category": "thing", "frames": names[s:]} for o, s in starts.items()
-            }
-        }
-        truth[video] = gt
-    (split / "meta.json").write_text(json.dumps(meta))
-    return truth
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     root = tmp_path_factory.mktemp("ytvos")

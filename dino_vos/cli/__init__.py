@@ -63,9 +63,13 @@ def one_line_usage_error(exc: click.UsageError) -> click.ClickException:
     hint = isinstance(exc, click.MissingParameter) or not isinstance(exc, click.BadParameter)
     if hint and exc.ctx is not None:
         message = f"{message.rstrip('.')} (see '{exc.ctx.command_path} --help')"
-    error = click.ClickException(message)
-    error.exit_code = exc.exit_code
-    return error
+    return _OneLineUsageError(message)
+
+
+class _OneLineUsageError(click.ClickException):
+    """A usage error shown as one ``Error:`` line, with click's usage-error exit code."""
+
+    exit_code = click.UsageError.exit_code
 
 
 class DinoVosGroup(LazyGroup):

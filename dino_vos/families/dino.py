@@ -41,6 +41,7 @@ class DinoBackbone(Backbone):
         """Patch position embeddings resized with the DINO reference formula (scale factors)."""
         vit = self.vit
         pos = vit.pos_embed
+        assert pos is not None  # the DINO family learns position embeddings
         patch_pos = pos if vit.no_embed_class else pos[:, vit.num_prefix_tokens :]
         stored_h, stored_w = vit.patch_embed.grid_size
         num_stored = patch_pos.shape[1]
@@ -121,7 +122,7 @@ class DinoBackbone(Backbone):
         """Only the CLS query is computed (row 0 of the attention matrix), with the block's own
         ``q_norm``/``k_norm`` and ``scale``."""
         self.require_cls_attention()
-        block = self.vit.blocks[-1]
+        block: Any = self.vit.blocks[-1]  # a timm block: its layers are read by name
         attn = block.attn
         heads = int(attn.num_heads)
         attn_dim = attn.qkv.out_features // 3

@@ -45,7 +45,7 @@ class Dinov3Backbone(Backbone):
     ) -> tuple[list[torch.Tensor], tuple[int, int]]:
         order = [i % self.depth for i in (layers if layers else [-1])]
         wanted = sorted(set(order))
-        outputs = self.vit.forward_intermediates(
+        outputs: Any = self.vit.forward_intermediates(
             images,
             indices=wanted,
             norm=norm,
@@ -58,10 +58,12 @@ class Dinov3Backbone(Backbone):
             index: torch.cat([prefix, patches], dim=1)
             for index, (patches, prefix) in zip(wanted, outputs, strict=True)
         }
-        grid = self.vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        grid = self.vit.patch_embed.dynamic_feat_size((images.shape[-2], images.shape[-1]))
         return [tokens[i] for i in order], (int(grid[0]), int(grid[1]))
 
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def _embed(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Tokens entering block 0, the RoPE (sin, cos) of the grid, and the grid."""
         x = self.vit.patch_embed(images)
         grid = (int(x.shape[1]), int(x.shape[2]))
@@ -82,7 +84,7 @@ class Dinov3Backbone(Backbone):
         self.require_cls_attention()
         if grid is None:
             raise BackboneError("DINOv3 attention needs the patch grid of the tokens (RoPE)")
-        block = self.vit.blocks[-1]
+        block: Any = self.vit.blocks[-1]  # a timm block: its layers are read by name
         attn = block.attn
         x = block.norm1(tokens)
         batch, length, _ = x.shape
@@ -96,7 +98,8 @@ class Dinov3Backbone(Backbone):
             q = attn.q_proj(x[:, :1]).reshape(batch, 1, attn.num_heads, -1).transpose(1, 2)
             k = attn.k_proj(x).reshape(batch, length, attn.num_heads, -1).transpose(1, 2)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        rope = self.vit.rope.get_embed(shape=list(grid)).to(k.dtype)
+        rope_embed: Any = self.vit.rope  # timm's RotaryEmbeddingDinoV3
+        rope = rope_embed.get_embed(shape=list(grid)).to(k.dtype)
         prefix = attn.num_prefix_tokens
         rotated = apply_rot_embed_cat(k[:, :, prefix:], rope, half=attn.rotate_half)
         k = torch.cat([k[:, :, :prefix], rotated.type_as(k)], dim=2)

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +200,7 @@ def augmented_batches(
     """Reference mode: frozen-backbone features of augmented views, recomputed every epoch."""
     dataset = ImageFolderDataset(split, train_transform(image_size))
     rank, world = world_info()
-    sampler = (
+    sampler: DistributedSampler[Any] | None = (
         DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1 else None
     )
     loader = make_loader(dataset, batch_size, workers, shuffle=True, sampler=sampler)
@@ -210,7 +211,7 @@ def augmented_batches(
         torch.manual_seed(seed + epoch)
         task = None
         if progress is not None:
-            task = progress.add_task(f"Epoch {epoch + 1} (augmented)", total=len(loader.dataset))
+            task = progress.add_task(f"Epoch {epoch + 1} (augmented)", total=len(dataset))
         backbone.eval()
         for images, labels in iterate_loader(loader):
             with torch.no_grad():

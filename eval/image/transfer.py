@@ -22,6 +22,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,8 @@ def evaluate_model(
         hits[1] += correct[:, :5].any(dim=1).sum()
     if world > 1:
         torch.distributed.all_reduce(hits)
-    return tuple((100 * hits / max(1, len(split))).tolist())  # type: ignore[return-value]
+    top1, top5 = (100 * hits / max(1, len(split))).tolist()
+    return top1, top5
 
 
 def train_transfer(
@@ -178,7 +180,7 @@ def train_transfer(
     model.backbone.requires_grad_(finetune)
     rank, world = world_info()
     dataset = ImageFolderDataset(train_split, train_transform(image_size))
-    sampler = (
+    sampler: DistributedSampler[Any] | None = (
         DistributedSampler(dataset, world, rank, shuffle=True, seed=config.seed)
         if world > 1
         else None

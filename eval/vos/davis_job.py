@@ -75,12 +75,16 @@ class DavisJob:
 
     @property
     def report_dir(self) -> Path:
-        return self.out_dir or self.results_dir  # type: ignore[return-value]
+        folder = self.out_dir or self.results_dir
+        assert folder is not None  # check() asks for one of them
+        return folder
 
     @property
     def masks_dir(self) -> Path:
         """Where the sequences' masks are (written, when propagating) and scored from."""
-        return self.results_dir or self.out_dir  # type: ignore[return-value]
+        folder = self.results_dir or self.out_dir
+        assert folder is not None  # check() asks for one of them
+        return folder
 
     def keyframe_indices(self, frames: int) -> list[int]:
         """Frames of a sequence whose ground truth is given: 0, plus the schedule's."""
@@ -110,7 +114,7 @@ class DavisJob:
     def check(self, given: Sequence[str] = (), sweep: bool = False) -> None:
         """Refuse contradictory modes (the one place they are checked); ``given`` names model
         options the user passed explicitly, ``sweep`` says a grid is asked for."""
-        if self.scoring_only:
+        if self.results_dir is not None:  # scoring only
             if sweep:
                 raise InputError("--sweep propagates: drop --results (or --sweep)")
             if self.keyframes is not None or self.direction != "forward":
@@ -122,7 +126,7 @@ class DavisJob:
                     f"--results only scores existing masks: drop {', '.join(given)} (or drop "
                     "--results to propagate)"
                 )
-            if not self.results_dir.is_dir():  # type: ignore[union-attr]
+            if not self.results_dir.is_dir():
                 raise InputError(f"results folder not found: {self.results_dir}")
         elif self.out_dir is None:
             raise InputError(
@@ -208,7 +212,8 @@ def _run_locked(
     if job.scoring_only:
         features = None
     elif features is None:
-        features = job.spec.build(announce=True)  # type: ignore[union-attr]
+        assert job.spec is not None  # check() asks for a backbone when propagating
+        features = job.spec.build(announce=True)
     shard_frames = sum(len(s.annotations) for s in shard_sequences(dataset.sequences, rank, world))
     with progress_bar("frames") as progress:
         task = progress.add_task(

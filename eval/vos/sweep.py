@@ -15,7 +15,7 @@ import dataclasses
 import io
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,7 +79,7 @@ class SweepGrid:
     axes: tuple[tuple[str, tuple[Value, ...]], ...]
 
     @classmethod
-    def from_values(cls, values: dict[str, Sequence[Value]]) -> SweepGrid:
+    def from_values(cls, values: Mapping[str, Sequence[Value]]) -> SweepGrid:
         """Check names and values (no repeats) and order the axes canonically."""
         for name, given in values.items():
             if name not in SWEEP_PARAMETERS:
@@ -106,8 +106,9 @@ class SweepGrid:
         """The settings as configs (``base`` supplies the parameters not swept)."""
         configs = []
         for point in self.points():
+            settings: dict[str, Any] = point  # each value checked by PropagationConfig
             try:
-                configs.append(dataclasses.replace(base, **point))
+                configs.append(dataclasses.replace(base, **settings))
             except (TypeError, ValueError) as exc:
                 raise InputError(f"sweep setting {tag(point)} is not valid: {exc}") from None
         return configs
@@ -133,7 +134,8 @@ class SweepJob:
 
     @property
     def out_dir(self) -> Path:
-        return self.base.out_dir  # type: ignore[return-value]
+        assert self.base.out_dir is not None  # a sweep propagates: check() asks for --out
+        return self.base.out_dir
 
     @property
     def cache_dir(self) -> Path:
@@ -294,7 +296,8 @@ def _run_settings(
                 rows.append(_row(point, setting, "reused"))
             continue
         if features is None:  # built once (worker processes build their own per setting)
-            features = job.base.spec.build(announce=True)  # type: ignore[union-attr]
+            assert job.base.spec is not None  # a sweep propagates: check() asks for a backbone
+            features = job.base.spec.build(announce=True)
         run = run_davis(setting, features)
         if run is not None:
             rows.append(_row(point, setting, "propagated"))
@@ -337,7 +340,7 @@ def heatmap_cells(
     """(y values, x values, best J&F of each cell over the other parameters; NaN if none)."""
     values = dict(grid.axes)
     ys = list(values[y])
-    xs = list(values[x]) if x is not None else [None]
+    xs: list[Value] = list(values[x]) if x is not None else [None]
     cells = []
     for yv in ys:
         line = []
@@ -370,7 +373,7 @@ def plot_heatmap(
     for i in range(len(ys)):
         for j in range(len(xs)):
             if not math.isnan(data[i, j]):
-                bright = image.norm(data[i, j]) > 0.6  # viridis turns yellow: dark text
+                bright = np.asarray(image.norm(data[i, j])) > 0.6  # viridis turns yellow: dark text
                 color = "black" if bright else "white"
                 ax.text(j, i, f"{data[i, j]:.3f}", ha="center", va="center", color=color)
     ax.set_yticks(range(len(ys)), [_tag_value(v) for v in ys])
