@@ -14,7 +14,7 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -196,7 +196,7 @@ def _looks_like_torch_file(path: Path) -> bool:
         return handle.read(1) == b"\x80"  # the PROTO opcode that starts a pickle
 
 
-def is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> TypeGuard[Mapping[str, torch.Tensor]]:
     return (
         isinstance(obj, Mapping)
         and len(obj) > 0

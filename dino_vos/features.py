@@ -33,7 +33,8 @@ class FeatureExtractor(Protocol):
     that size divided by ``patch_size``. Implementations may cache by ``frame.name``.
     """
 
-    patch_size: int
+    @property
+    def patch_size(self) -> int: ...
 
     def input_size(self, height: int, width: int) -> tuple[int, int]: ...
 
@@ -47,9 +48,14 @@ class BatchExtractor(FeatureExtractor, Protocol):
     and ``settings`` is the record of what makes its features (manifests, cache keys, exports).
     """
 
-    backbone: Backbone
-    resize: ResizeSpec
-    batch_size: int
+    @property
+    def backbone(self) -> Backbone: ...
+
+    @property
+    def resize(self) -> ResizeSpec: ...
+
+    @property
+    def batch_size(self) -> int: ...
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor: ...
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from dino_vos.api import PropagationSummary, propagate_to_folder
 from dino_vos.defaults import DEMO_FRAMES, DEMO_OBJECTS, DEMO_SIZE
+from dino_vos.errors import InputError
 from dino_vos.eval.davis_metrics import (
     ObjectScores,
     global_statistics,
@@ -68,6 +69,8 @@ def run_demo(
         clip_dir = out_dir / "clip"
         video, mask_dir = clip.write(clip_dir)
         mask = mask_dir / "00000.png"
+    if mask is None:
+        raise InputError("run_demo: a video needs its first-frame mask")
     summary = propagate_to_folder(
         video,
         mask,
