@@ -11,7 +11,6 @@ never stored.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -21,29 +20,13 @@ import numpy as np
 import torch
 
 from dino_vos.errors import InputError
+from dino_vos.sizes import DEFAULT_STORE_BUDGET
 from dino_vos.sources import Frame, FrameSource
 
-#: Default ``--store-budget``: 4 GB of temporary disk.
-DEFAULT_STORE_BUDGET = 4_000_000_000
 #: Decoded frames held at once by a :class:`FrameReader` chunk (bytes of RGB pixels) ...
 CHUNK_BYTES = 128 * 2**20
 #: ... and at most this many frames per chunk.
 MAX_CHUNK_FRAMES = 32
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes of a size such as ``4GB``, ``500M``, ``1.5g``, ``2GiB`` or ``0`` (decimal units;
-    ``KiB``/``MiB``/``GiB``/``TiB`` are binary)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not match:
-        raise InputError(f"cannot read size {text!r}: write for example 4GB, 500MB or 2GiB")
-    number, unit, binary = match.groups()
-    scale = 1024 ** " kmgt".index(unit) if binary else _UNITS[unit]
-    return int(float(number) * scale)
 
 
 class FrameStore:

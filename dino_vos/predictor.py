@@ -27,13 +27,12 @@ import torch
 
 from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor, embed_frames
-from dino_vos.frame_store import DEFAULT_STORE_BUDGET, FrameReader, FrameStore
+from dino_vos.frame_store import FrameReader, FrameStore
 from dino_vos.masks import VOID_LABEL, ObjectIds, check_mask_size, resize_labels
 from dino_vos.propagation import LabelPropagator, labels_from_soft, labels_from_soft_guided
+from dino_vos.sizes import DEFAULT_STORE_BUDGET, format_size
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import DIRECTIONS, Direction, PropagationConfig
-
-DEFAULT_STORE_BUDGET_TEXT = f"{DEFAULT_STORE_BUDGET / 1e9:g} GB"
 
 
 @dataclass
@@ -169,7 +168,7 @@ class VideoPropagator:
         features as far as they fit) waits in a temporary
         :class:`~dino_vos.frame_store.FrameStore` in ``store_dir`` (default the system's
         temporary folder) of at most ``store_budget`` bytes (default
-        :data:`~dino_vos.frame_store.DEFAULT_STORE_BUDGET`); features that do not fit are
+        :data:`~dino_vos.sizes.DEFAULT_STORE_BUDGET`); features that do not fit are
         computed again. The results do not depend on the budget. The rules are in
         docs/protocol.md#keyframes.
         """
@@ -349,8 +348,9 @@ class VideoPropagator:
             segment = budget // soft_bytes
             if segment < 1:
                 raise InputError(
-                    f"--store-budget of {budget} bytes cannot hold one frame's soft map "
-                    f"({soft_bytes} bytes): raise it (default {DEFAULT_STORE_BUDGET_TEXT})"
+                    f"--store-budget of {format_size(budget)} cannot hold one frame's soft map "
+                    f"({format_size(soft_bytes)}): raise it (default "
+                    f"{format_size(DEFAULT_STORE_BUDGET)})"
                 )
             return StorePlan(soft_from=last - segment, segment=segment)
         feature_bytes = self._feature_bytes(reader) if free > 0 else 0

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dino_vos.errors import InputError
-from dino_vos.frame_store import FrameReader, FrameStore, parse_size
+from dino_vos.frame_store import FrameReader, FrameStore
 from dino_vos.predictor import VideoPropagator
+from dino_vos.sizes import format_size, parse_size
 from dino_vos.sources import Frame, MemorySource, open_source
 from dino_vos.spec import BackboneSpec, PropagationConfig, ResizeSpec
 from dino_vos.synthetic import make_clip
@@ -186,5 +187,37 @@ def test_store_round_trip_and_accounting(tmp_path: Path):
 def test_parse_size():
     assert parse_size("4GB") == 4 * 10**9 and parse_size("500m") == 500 * 10**6
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("0") == 0 and parse_size("1.5 kb") == 1500
-    with pytest.raises(InputError, match="cannot read size 'lots'"):
-        parse_size("lots")
+    for bad in ("lots", "4i", "-1GB"):
+        with pytest.raises(InputError, match="cannot read size"):
+            parse_size(bad)
+    assert format_size(4 * 10**9) == "4 GB" and format_size(12_345_678) == "12.3 MB"
+
+
+def test_cli_store_budget(clip_files, tiny_weights, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from dino_vos.cli import main
+    from dino_vos.masks import read_mask, write_indexed_png
+
+    frames, _, masks = clip_files
+    last = NUM_FRAMES - 1
+    write_indexed_png(tmp_path / "first.png", masks[0])
+    write_indexed_png(tmp_path / "last.png", masks[last])
+    common = [
+        "propagate", str(frames), "--mask", f"0={tmp_path / 'first.png'}",
+        "--mask", f"{last}={tmp_path / 'last.png'}", "--direction", "both",
+        "--weights", str(tiny_weights), "--short-side", "48", "--device", "cpu",
+    ]  # fmt: skip
+    outputs = {}
+    for budget in ("4GB", "3kB"):
+        out = tmp_path / budget
+        result = CliRunner().invoke(main, [*common, "--out", str(out), "--store-budget", budget])
+        assert result.exit_code == 0, result.output
+        outputs[budget] = {p.name: read_mask(p) for p in sorted(out.glob("*.png"))}
+    assert len(outputs["4GB"]) == NUM_FRAMES
+    assert all(np.array_equal(outputs["4GB"][k], outputs["3kB"][k]) for k in outputs["4GB"])
+    for budget, message in (("lots", "cannot read size 'lots'"), ("10", "cannot hold one")):
+        out = tmp_path / f"bad-{budget}"
+        result = CliRunner().invoke(main, [*common, "--out", str(out), "--store-budget", budget])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists() or not any(out.iterdir())

@@ -16,7 +16,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from dino_vos.errors import InputError
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
+from dino_vos.sizes import DEFAULT_STORE_BUDGET, format_size, parse_size
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
     DIRECTIONS,
@@ -383,3 +385,23 @@ def direction_option(choices: Sequence[str] = DIRECTIONS, help: str = "") -> Cal
         or "forward from the first keyframe; backward from the last one towards frame 0; both: "
         "every frame, fusing the two directions between keyframes (docs/protocol.md#keyframes).",
     )
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+#: --store-budget of backward and bidirectional runs (docs/protocol.md#keyframes).
+store_budget_option = click.option(
+    "--store-budget",
+    default=format_size(DEFAULT_STORE_BUDGET).replace(" ", ""),
+    show_default=True,
+    metavar="SIZE",
+    callback=_size,
+    help="Temporary disk of --direction backward/both (forward soft maps, then features); "
+    "features that do not fit are computed again. Results do not depend on it "
+    "(docs/protocol.md#keyframes).",
+)
