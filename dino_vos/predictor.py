@@ -189,6 +189,8 @@ class VideoPropagator:
             last = max(state.masks) if start is None else start
             reader = FrameReader(state.source, last + 1)
             with FrameStore(store_dir, store_budget) as store:
+                # no forward pass (it would start after ``last``): the first pass only takes
+                # checksums and keeps the features that fit
                 plan = self._plan(state, reader, store.budget, last + 1, last)
                 for _ in self._first_pass(state.source, reader, store, plan, last + 1, last):
                     pass
@@ -318,8 +320,8 @@ class VideoPropagator:
                     ids, weight = ids_from[first], 0.0
                     forward = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])
                 else:
-                    after = bisect.bisect(keyframes, index)
-                    before, after = keyframes[after - 1], keyframes[after]
+                    position = bisect.bisect(keyframes, index)
+                    before, after = keyframes[position - 1], keyframes[position]
                     ids, weight = ids_from[before], (after - index) / (after - before)
                     if f"{index}.forward" not in store:  # the next segment of forward maps
                         segment_start = max(first + 1, index - plan.segment + 1)
