@@ -51,6 +51,7 @@ def propagate_to_folder(
     direction: Direction = "forward",
     complete_keyframes: bool = False,
     every_frame: bool = False,
+    store_budget: int | None = None,
 ) -> PropagationSummary:
     """Segment ``source`` from the first frame's ``mask`` (or from keyframes: a mapping of frame
     index to mask); write a PNG per frame to ``out_dir``: from the first keyframe on
@@ -66,6 +67,8 @@ def propagate_to_folder(
     keyframe speaks only for the objects it shows (see docs/protocol.md#keyframes).
     ``every_frame``: frames the direction does not reach (before the first keyframe going
     forward, after the last one going backward) get an empty mask, as benchmark servers expect.
+    ``store_budget``: bytes of temporary disk for ``backward`` and ``both`` (default 4 GB; see
+    docs/protocol.md#keyframes).
     """
     frames = source if not isinstance(source, (str, Path)) else open_source(source, limit=limit)
     keyframes = dict(mask) if isinstance(mask, Mapping) else {0: mask}
@@ -84,7 +87,7 @@ def propagate_to_folder(
         names = frames.frame_names()
         # the overlay is written as results come when they come in frame order, else after
         in_order = direction == "forward" and not (every_frame and min(keyframes) > 0)
-        for result in predictor.propagate(state, direction=direction):
+        for result in predictor.propagate(state, direction=direction, store_budget=store_budget):
             object_ids = tuple(dict.fromkeys((*object_ids, *result.object_ids.ids)))
             sink.write_mask(result.name, result.labels)
             if save_probs and result.soft is not None:

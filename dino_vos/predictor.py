@@ -17,7 +17,8 @@ objects that enter later, see :meth:`VideoPropagator.add_mask`). ``direction`` i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import bisect
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 
 from dino_vos.errors import InputError
 from dino_vos.features import FeatureExtractor, embed_frames
-from dino_vos.frame_store import FrameStore
+from dino_vos.frame_store import FrameReader, FrameStore
 from dino_vos.masks import (
     VOID_LABEL,
     ObjectIds,
@@ -40,6 +41,7 @@ from dino_vos.propagation import (
     labels_from_soft_guided,
     labels_from_soft_nearest,
 )
+from dino_vos.sizes import DEFAULT_STORE_BUDGET, format_size
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import DIRECTIONS, Direction, PropagationConfig
 
@@ -160,6 +162,7 @@ class VideoPropagator:
         reverse: bool = False,
         direction: Direction | None = None,
         store_dir: str | Path | None = None,
+        store_budget: int | None = None,
     ) -> Iterator[FrameResult]:
         """Yield a :class:`FrameResult` per frame, in the order results become final.
 
@@ -172,10 +175,14 @@ class VideoPropagator:
           result, frames after the last one the forward result (yielded first, in order); the
           others follow from the last keyframe down to frame 0.
 
-        ``backward`` and ``both`` embed the frames once in a first pass and keep them, with
-        their features, in a temporary :class:`~dino_vos.frame_store.FrameStore` (in
-        ``store_dir``, default the system's temporary folder), never the decoded video in
-        memory. The rules are in docs/protocol.md#keyframes.
+        ``backward`` and ``both`` stream the video once forward, then decode it again in chunks
+        from the end. What the backward pass needs from the first (forward soft maps, and patch
+        features as far as they fit) waits in a temporary
+        :class:`~dino_vos.frame_store.FrameStore` in ``store_dir`` (default the system's
+        temporary folder) of at most ``store_budget`` bytes (default
+        :data:`~dino_vos.sizes.DEFAULT_STORE_BUDGET`); features that do not fit are
+        computed again. The results do not depend on the budget. The rules are in
+        docs/protocol.md#keyframes.
         """
         direction = direction or ("backward" if reverse else "forward")
         if reverse and direction != "backward":
@@ -192,15 +199,19 @@ class VideoPropagator:
             yield from self._pass(self._embedded(frames), state.masks, state.objects)
         elif direction == "backward":
             last = max(state.masks) if start is None else start
-            with FrameStore(store_dir) as store:
-                for frame, features in self._embedded(self._until(state.source, last)):
-                    store.put(frame, features)
-                stored = ((store.frame(i), store.features(i)) for i in range(last, -1, -1))
-                yield from self._pass(stored, state.masks, state.objects)
+            reader = FrameReader(state.source, last + 1)
+            with FrameStore(store_dir, store_budget) as store:
+                # no forward pass (it would start after ``last``): the first pass only takes
+                # checksums and keeps the features that fit
+                plan = self._plan(state, reader, store.budget, last + 1, last)
+                for _ in self._first_pass(state.source, reader, store, plan, last + 1, last):
+                    pass
+                revisited = self._revisited(reader, last, store)
+                yield from self._pass(revisited, state.masks, state.objects)
         else:
             if start is not None:
                 raise InputError("direction 'both' covers the whole video: give no start frame")
-            yield from self._both(state, store_dir)
+            yield from self._both(state, store_dir, store_budget)
 
     def mask_labels(
         self, mask: np.ndarray, image_size: tuple[int, int]
@@ -248,7 +259,7 @@ class VideoPropagator:
             channels = labels_from_soft(soft, patch, normalisation=normalisation)
         return resize_labels(object_ids.to_ids(channels.cpu().numpy()), size)
 
-    def _embedded(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, torch.Tensor]]:
+    def _embedded(self, frames: Iterable[Frame]) -> Generator[tuple[Frame, torch.Tensor]]:
         """(frame, patch features) in order: the one place frames meet the backbone (decoded
         ahead in a background thread, embedded in batches, see :func:`embed_frames`)."""
         for frame, features in embed_frames(self.features, frames):
@@ -300,57 +311,149 @@ class VideoPropagator:
                 soft = None
             yield FrameResult(frame.index, frame.name, ids, soft, object_ids, frame.image)
 
-    def _both(self, state: PropagationState, store_dir: str | Path | None) -> Iterator[FrameResult]:
+    def _both(
+        self, state: PropagationState, store_dir: str | Path | None, budget: int | None
+    ) -> Iterator[FrameResult]:
         keyframes = sorted(state.masks)
         first, last = keyframes[0], keyframes[-1]
-        with FrameStore(store_dir) as store:
-            # Pass 1: embed every frame once; propagate forward from the first keyframe.
-            embedded = self._stored(self._embedded(state.source), store, first, last)
-            forward_ids: dict[int, ObjectIds] = {}
+        reader = FrameReader(state.source, last + 1)
+        with FrameStore(store_dir, budget) as store:
+            plan = self._plan(state, reader, store.budget, first, last)
+            # Pass 1: stream the video, propagate forward from the first keyframe.
+            stream = self._first_pass(state.source, reader, store, plan, first, last)
+            ids_from: dict[int, ObjectIds] = {}  # the forward pass's objects from each keyframe
             finished: dict[int, np.ndarray] = {}  # keyframe outputs
-            for result in self._pass(embedded, state.masks, state.objects):
+            for result in self._pass(stream, state.masks, state.objects):
                 if result.index > last:
                     yield result
-                    continue
-                forward_ids[result.index] = result.object_ids
-                if result.soft is None:
+                elif result.soft is None:
+                    ids_from[result.index] = result.object_ids
                     finished[result.index] = result.labels
-                else:
-                    store.save_tensor(f"{result.index}.forward", result.soft)
-            # Pass 2: backward from the last keyframe over the stored frames; each keyframe
-            # is its final (forward) output, authoritative for every object.
-            every_object = frozenset(forward_ids[last].ids[1:])
+                elif result.index >= plan.soft_from:
+                    store.put(f"{result.index}.forward", result.soft)
+            # Pass 2: backward from the last keyframe over the frames decoded again; each
+            # keyframe is its final (forward) output, authoritative for every object.
+            every_object = frozenset(ids_from[last].ids[1:])
             authoritative = dict.fromkeys(keyframes, every_object)
-            frames = ((store.frame(i), store.features(i)) for i in range(last, -1, -1))
+            frames = self._revisited(reader, last, store)
             for result in self._pass(frames, finished, authoritative):
                 index = result.index
                 if index in finished:  # a keyframe's output is the forward pass's
-                    ids = forward_ids[index]
+                    ids = ids_from[index]
                     yield FrameResult(index, result.name, finished[index], None, ids, result.image)
                     continue
                 assert result.soft is not None  # the backward pass keeps its soft maps
                 if index < first:  # only the first keyframe's objects exist before it
-                    ids, weight = forward_ids[first], 0.0
+                    ids, weight = ids_from[first], 0.0
                     forward = result.soft.new_zeros(len(ids.ids), *result.soft.shape[1:])
                 else:
-                    before = max(k for k in keyframes if k < index)
-                    after = min(k for k in keyframes if k > index)
-                    ids, weight = forward_ids[index], (after - index) / (after - before)
-                    forward = store.load_tensor(f"{index}.forward")
+                    position = bisect.bisect(keyframes, index)
+                    before, after = keyframes[position - 1], keyframes[position]
+                    ids, weight = ids_from[before], (after - index) / (after - before)
+                    if f"{index}.forward" not in store:  # the next segment of forward maps
+                        segment_start = max(first + 1, index - plan.segment + 1)
+                        self._forward_maps(state, store, first, segment_start, index)
+                    forward = store.pop(f"{index}.forward")
                 soft = fuse_soft_maps(forward, ids, result.soft, result.object_ids, weight)
                 labels = self.labels(soft, ids, result.image.shape[:2], result.image)
                 yield FrameResult(index, result.name, labels, soft, ids, result.image)
 
-    @staticmethod
-    def _stored(
-        embedded: Iterator[tuple[Frame, torch.Tensor]], store: FrameStore, first: int, last: int
+    def _plan(
+        self, state: PropagationState, reader: FrameReader, budget: int, first: int, last: int
+    ) -> StorePlan:
+        """What the store keeps (docs/protocol.md#keyframes): the forward soft maps of the
+        frames strictly between ``first`` and ``last`` first (all of them, or the last segment
+        that fits), then the features of the frames just below ``last``, as many as fit."""
+        height, width = self.features.input_size(*state.frame_size)
+        patch = self.features.patch_size
+        objects = {0} | {i for mask in state.masks.values() for i in ObjectIds.from_mask(mask).ids}
+        soft_bytes = len(objects) * (height // patch) * (width // patch) * 4
+        keyframes_between = sum(1 for k in state.masks if first < k < last)
+        soft_frames = max(0, last - first - 1 - keyframes_between)
+        if soft_frames * soft_bytes <= budget:
+            free = budget - soft_frames * soft_bytes
+            plan = StorePlan(soft_from=first + 1, segment=max(1, last - first - 1))
+        else:
+            segment = budget // soft_bytes
+            if segment < 1:
+                raise InputError(
+                    f"--store-budget of {format_size(budget)} cannot hold one frame's soft map "
+                    f"({format_size(soft_bytes)}): raise it (default "
+                    f"{format_size(DEFAULT_STORE_BUDGET)})"
+                )
+            return StorePlan(soft_from=last - segment, segment=segment)
+        feature_bytes = self._feature_bytes(reader) if free > 0 else 0
+        cached = min(last + 1, free // feature_bytes) if feature_bytes else 0
+        return StorePlan(plan.soft_from, plan.segment, cached_from=last + 1 - cached)
+
+    def _feature_bytes(self, reader: FrameReader) -> int:
+        """Bytes of one frame's features (embeds frame 0 once)."""
+        features = self.features(reader.first_frame())
+        return features.numel() * features.element_size()
+
+    def _first_pass(
+        self,
+        source: FrameSource,
+        reader: FrameReader,
+        store: FrameStore,
+        plan: StorePlan,
+        first: int,
+        last: int,
     ) -> Iterator[tuple[Frame, torch.Tensor]]:
-        """Store the frames up to ``last``; pass on those from ``first``."""
-        for frame, features in embedded:
-            if frame.index <= last:
-                store.put(frame, features)
+        """Stream ``source`` once (to its end when ``first`` <= ``last``, else up to ``last``):
+        take every frame's checksum up to ``last``, keep the features of ``plan.cached_from``
+        .. ``last``, pass on (frame, features) from ``first`` on. Frames needed for neither are
+        decoded but not embedded."""
+        frames: Iterable[Frame] = source if first <= last else self._until(source, last)
+        needed = min(first, plan.cached_from)
+
+        def checked(frames: Iterable[Frame]) -> Iterator[Frame]:
+            for frame in frames:
+                reader.fingerprint(frame)
+                if frame.index >= needed:
+                    yield frame
+
+        for frame, features in self._embedded(checked(frames)):
+            if plan.cached_from <= frame.index <= last:
+                store.put(f"{frame.index}.features", features)
             if frame.index >= first:
                 yield frame, features
+
+    def _revisited(
+        self, reader: FrameReader, last: int, store: FrameStore
+    ) -> Iterator[tuple[Frame, torch.Tensor]]:
+        """Frames ``last`` down to 0, decoded again a chunk at a time, with their features:
+        from the store when the first pass kept them, else embedded again."""
+        for chunk in reader.backward(last):
+            missing = [frame for frame in chunk if f"{frame.index}.features" not in store]
+            embedded = self._embedded(missing)
+            try:
+                for frame in chunk:
+                    key = f"{frame.index}.features"
+                    yield (frame, store.pop(key)) if key in store else next(embedded)
+            finally:
+                embedded.close()
+
+    def _forward_maps(
+        self, state: PropagationState, store: FrameStore, first: int, start: int, stop: int
+    ) -> None:
+        """Run the forward pass again from the first keyframe up to ``stop`` and store the
+        soft maps of ``start`` .. ``stop`` (when the budget cannot hold all of them at once)."""
+        frames = (f for f in self._until(state.source, stop) if f.index >= first)
+        for result in self._pass(self._embedded(frames), state.masks, state.objects):
+            if result.index >= start and result.soft is not None:
+                store.put(f"{result.index}.forward", result.soft)
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """What a backward or ``both`` run keeps in its store: the forward soft maps of frames
+    ``soft_from`` .. (last keyframe - 1) after the first pass, then ``segment`` frames at a
+    time; the features of frames ``cached_from`` .. last keyframe (none by default)."""
+
+    soft_from: int
+    segment: int
+    cached_from: int = 2**62
 
 
 def guide_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

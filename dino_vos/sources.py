@@ -78,6 +78,10 @@ class MemorySource:
     def __iter__(self) -> Iterator[Frame]:
         return iter(self.frames)
 
+    def read_frames(self, start: int, stop: int) -> list[np.ndarray]:
+        """Frames ``start .. stop - 1`` (random access)."""
+        return [frame.image for frame in self.frames[start:stop]]
+
     @property
     def frame_size(self) -> tuple[int, int]:
         return tuple(self.frames[0].image.shape[:2])
@@ -140,13 +144,20 @@ class FolderSource:
 
     def __iter__(self) -> Iterator[Frame]:
         for index, file in enumerate(self.files):
-            image = read_image(file)
-            if image.shape[:2] != self.frame_size:
-                raise InputError(
-                    f"frame {file.name} is {image.shape[1]}x{image.shape[0]} but the first frame "
-                    f"is {self.frame_size[1]}x{self.frame_size[0]}: all frames must share one size"
-                )
-            yield Frame(index, file.stem, image)
+            yield Frame(index, file.stem, self._read(file))
+
+    def read_frames(self, start: int, stop: int) -> list[np.ndarray]:
+        """Frames ``start .. stop - 1`` (random access)."""
+        return [self._read(file) for file in self.files[start:stop]]
+
+    def _read(self, file: Path) -> np.ndarray:
+        image = read_image(file)
+        if image.shape[:2] != self.frame_size:
+            raise InputError(
+                f"frame {file.name} is {image.shape[1]}x{image.shape[0]} but the first frame "
+                f"is {self.frame_size[1]}x{self.frame_size[0]}: all frames must share one size"
+            )
+        return image
 
 
 class _VideoFile:
@@ -214,6 +225,16 @@ class DecordVideoSource(_VideoFile):
         """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
         return self._reader[index].asnumpy()
 
+    def read_frames(self, start: int, stop: int) -> list[np.ndarray]:
+        """Frames ``start .. stop - 1``: one seek, then sequential decoding."""
+        try:
+            batch = self._reader.get_batch(list(range(start, stop))).asnumpy()
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(
+                f"video {self.path} cannot decode frames {start}..{stop - 1}: {_first_line(exc)}"
+            ) from exc
+        return list(batch)
+
 
 class OpenCVVideoSource(_VideoFile):
     """A video file decoded with OpenCV (fallback where decord is not installed)."""
@@ -255,6 +276,22 @@ class OpenCVVideoSource(_VideoFile):
         if not ok:
             raise InputError(f"video {self.path} cannot decode frame {index}")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def read_frames(self, start: int, stop: int) -> list[np.ndarray]:
+        """Frames ``start .. stop - 1``: one seek, then sequential decoding (a seek may land
+        on another frame in some files: callers check what they get)."""
+        capture = cv2.VideoCapture(str(self.path))
+        images = []
+        try:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, start)
+            for _ in range(start, stop):
+                ok, image = capture.read()
+                if not ok:
+                    break
+                images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        finally:
+            capture.release()
+        return images
 
 
 class ImageSource(FolderSource):

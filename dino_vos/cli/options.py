@@ -17,6 +17,7 @@ import click
 from click.core import ParameterSource
 
 from dino_vos.console import console
+from dino_vos.errors import InputError
 from dino_vos.limits import (
     MAX_FRAME_BATCH,
     MAX_SHIFT_ENSEMBLE,
@@ -26,6 +27,7 @@ from dino_vos.limits import (
 )
 from dino_vos.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from dino_vos.registry import DEFAULT_BACKBONE, SHIPPED_BACKBONE, backbone_names
+from dino_vos.sizes import DEFAULT_STORE_BUDGET, format_size, parse_size
 from dino_vos.spec import (
     CHECKPOINT_KEYS,
     DIRECTIONS,
@@ -498,3 +500,23 @@ def check_frames_fit(
     patch_size = spec.known_patch_size() or 16  # the largest patch in use: a lower bound
     input_size = spec.resize.size_for(*frame_size, patch_size)
     check_frame_memory(frame_size, input_size, patch_size, batch_size or spec.batch_size or 1)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+#: --store-budget of backward and bidirectional runs (docs/protocol.md#keyframes).
+store_budget_option = click.option(
+    "--store-budget",
+    default=format_size(DEFAULT_STORE_BUDGET).replace(" ", ""),
+    show_default=True,
+    metavar="SIZE",
+    callback=_size,
+    help="Temporary disk of --direction backward/both (forward soft maps, then features); "
+    "features that do not fit are computed again. Results do not depend on it "
+    "(docs/protocol.md#keyframes).",
+)

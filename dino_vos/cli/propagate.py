@@ -15,6 +15,7 @@ from dino_vos.cli.options import (
     out_option,
     overwrite_option,
     propagation_options,
+    store_budget_option,
     with_backbone_spec,
 )
 from dino_vos.console import console, progress_bar
@@ -88,6 +89,7 @@ def _run_metadata(features: BatchExtractor) -> dict[str, Any]:
     help="Also save soft label maps per frame (float16) under OUT/probs/.",
 )
 @direction_option()
+@store_budget_option
 @max_frames_option
 @overwrite_option
 @with_backbone_spec(frames=True)
@@ -98,6 +100,7 @@ def propagate(
     out_dir: Path,
     config: PropagationConfig,
     direction: Direction,
+    store_budget: int,
     overlay: Path | None,
     save_probs: str | None,
     max_frames: int | None,
@@ -146,6 +149,7 @@ def propagate(
             metadata=_run_metadata(features),
             overwrite=overwrite,
             direction=direction,
+            store_budget=store_budget,
         )
     objects = len(summary.object_ids) - 1
     extra = f", overlay {summary.overlay}" if summary.overlay else ""
