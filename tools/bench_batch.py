@@ -118,10 +118,8 @@ def snapshot(out: Path, ids: list[str]) -> dict[str, dict[str, tuple[int, str]]]
 def leftovers(out: Path) -> list[str]:
     """Hidden (staging, temporary) entries anywhere in ``out`` and clip folders without a
     manifest."""
-    hidden = [str(p.relative_to(out)) for p in out.rglob(".*") if p.name != ".dino-vos.lock"]
-    unfinished = [
-        p.name for p in out.iterdir() if p.is_dir() and not (p / MANIFEST_NAME).is_file()
-    ]
+    hidden = [str(p.relative_to(out)) for p in out.rglob(".*")]
+    unfinished = [p.name for p in out.iterdir() if p.is_dir() and not (p / MANIFEST_NAME).is_file()]
     return sorted(hidden) + [f"{name}/ (no manifest)" for name in sorted(unfinished)]
 
 
@@ -139,8 +137,15 @@ def run_clean(jobs: Path, out: Path, args: argparse.Namespace, clips: dict, log:
         "frames_per_second": round(sum(clips["good"].values()) / wall, 2),
         "batch_json": {
             key: summary[key]
-            for key in ("propagated", "reused", "failed", "propagated_frames", "seconds",
-                        "frames_per_second", "propagation_frames_per_second")
+            for key in (
+                "propagated",
+                "reused",
+                "failed",
+                "propagated_frames",
+                "seconds",
+                "frames_per_second",
+                "propagation_frames_per_second",
+            )
         },  # fmt: skip
         **check_final(out, clips, summary, {}),
     }
@@ -213,8 +218,7 @@ def check_final(out: Path, clips: dict, summary: dict, reused: dict) -> dict:
         "lost": lost,
         "wrong_status": wrong_status,
         "failures_jsonl": {f["id"]: f["error"] for f in failures},
-        "failures_are_the_corrupt_clips": sorted(f["id"] for f in failures)
-        == sorted(clips["bad"]),
+        "failures_are_the_corrupt_clips": sorted(f["id"] for f in failures) == sorted(clips["bad"]),
         "corrupt_without_folder": all(not (out / name).exists() for name in clips["bad"]),
         "left_behind_at_end": leftovers(out),
     }
