@@ -10,6 +10,7 @@ result PNG is there. A killed job therefore resumes where it stopped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +130,42 @@ def report_frame() -> None:
         _progress_queue.put(1)
 
 
+_busy = False  # a worker process is inside an item's function
+
+
+def _on_terminate(signum: int, frame: Any) -> None:
+    """SIGTERM in a worker (SLURM, ``kill`` of the process group): like Ctrl-C, the item in
+    hand unwinds (its staged outputs are removed) and the worker then exits; an idle worker
+    exits at once."""
+    if _busy:
+        raise KeyboardInterrupt
+    os._exit(128 + signum)
+
+
+def _call_item(function: Callable[[Any], Any], item: Any) -> Any:
+    """``function(item)`` in a worker; an interrupt ends the worker once the item unwound
+    (the pool would otherwise hand it the next item)."""
+    import signal
+
+    global _busy
+    _busy = True
+    try:
+        return function(item)
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        _busy = False
+
+
 def _init_process(
     threads: int, queue: Any, initializer: Callable[..., None], initargs: tuple[Any, ...]
 ) -> None:
+    import signal
+
     import torch
 
     global _progress_queue
+    signal.signal(signal.SIGTERM, _on_terminate)
     torch.set_num_threads(threads)
     _progress_queue = queue
     initializer(*initargs)
@@ -162,7 +193,8 @@ def map_in_processes(
     """``function(item)`` for every item in ``workers`` spawned processes (each set up once by
     ``initializer(*initargs)``, its torch threads shared out), the costliest items first;
     results in the items' order. Frames reported by :func:`report_frame` reach ``advance``;
-    ``on_result(index, result)`` is called in the main process as results arrive."""
+    ``on_result(index, result)`` is called in the main process as results arrive. SIGTERM
+    to the process group (SLURM) makes every worker unwind its item like Ctrl-C and exit."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -181,7 +213,7 @@ def map_in_processes(
         initializer=_init_process,
         initargs=(threads, queue, initializer, initargs),
     ) as pool:
-        futures = {pool.submit(function, items[i]): i for i in order}
+        futures = {pool.submit(_call_item, function, items[i]): i for i in order}
         pending = set(futures)
         try:
             while pending:

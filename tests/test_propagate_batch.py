@@ -196,3 +196,61 @@ def test_bad_jobs_files_fail_in_one_line(videos, tiny_weights, tmp_path):
         result = CliRunner().invoke(main, args(jobs, tiny_weights, out))
         assert result.exit_code == 2 and message in result.output, (name, result.output)
         assert "Traceback" not in result.output and not out.exists()
+
+
+WORKERS_SCRIPT = """
+import sys, time
+from pathlib import Path
+from dino_vos.runner import map_in_processes
+
+def nothing():
+    pass
+
+def slow(item):
+    folder = Path(sys.argv[1])
+    (folder / f"started-{item}").touch()
+    try:
+        time.sleep(120)
+    finally:  # what propagate_to_folder does with its staged outputs
+        (folder / f"cleaned-{item}").touch()
+
+if __name__ == "__main__":
+    map_in_processes(slow, [0, 1, 2, 3], [1, 1, 1, 1], 2, nothing)
+"""
+
+
+def test_sigterm_to_the_process_group_unwinds_every_worker(tmp_path):
+    """SLURM and `kill -- -PGID` send SIGTERM to the workers too: each one unwinds the video in
+    hand (staged outputs removed) and exits, instead of dying with its partial folder."""
+    import signal
+    import time
+
+    script = tmp_path / "workers.py"
+    script.write_text(WORKERS_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(tmp_path.glob("started-*"))) == 2
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the workers exit, none takes the next item
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("a worker outlived SIGTERM")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    started = sorted(p.name.split("-")[1] for p in tmp_path.glob("started-*"))
+    cleaned = sorted(p.name.split("-")[1] for p in tmp_path.glob("cleaned-*"))
+    assert len(started) == 2 and cleaned == started
