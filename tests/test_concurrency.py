@@ -326,7 +326,18 @@ def _sigint_self() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_double_ctrl_c_leaves_no_partial_folder(user_data, tiny_weights, tmp_path, monkeypatch):
+@pytest.fixture()
+def python_sigint():
+    """Python's Ctrl-C handler for the test: a background job of a non-interactive shell (CI,
+    nohup) starts with SIGINT ignored, and then a Ctrl-C sent to the test would be lost."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_double_ctrl_c_leaves_no_partial_folder(
+    user_data, tiny_weights, tmp_path, monkeypatch, python_sigint
+):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").mkdir()
@@ -355,7 +366,7 @@ def test_double_ctrl_c_leaves_no_partial_folder(user_data, tiny_weights, tmp_pat
 
 
 def test_ctrl_c_during_the_moves_and_again_during_the_rollback(
-    user_data, tiny_weights, tmp_path, monkeypatch
+    user_data, tiny_weights, tmp_path, monkeypatch, python_sigint
 ):
     out = tmp_path / "out"
     mask = user_data["masks"] / "00000.png"
