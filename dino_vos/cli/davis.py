@@ -15,6 +15,7 @@ from dino_vos.cli.options import (
     propagation_options,
     with_backbone_spec,
 )
+from dino_vos.cli.report import check_report_dir, report_option, write_run_report
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ if TYPE_CHECKING:
     "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (README: Parameter sweeps).",
 )
 @click.argument("sweep_more", nargs=-1, metavar="[NAME=V1,V2]...")
+@report_option
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)
 def davis(
@@ -111,6 +113,7 @@ def davis(
     direction: Direction,
     sweep: tuple[str, ...],
     sweep_more: tuple[str, ...],
+    report_dir: Path | None,
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
@@ -169,12 +172,16 @@ def davis(
         direction=direction,
     )
     check_job(job, given)
+    data = [davis_root / "Annotations", davis_root / "JPEGImages"]
+    check_report_dir(report_dir, [*data, job.report_dir])
     if grid is None:
-        run_davis(job)
+        if run_davis(job) is not None:  # rank 0
+            write_run_report(job.report_dir, report_dir)
         return
     from dino_vos.eval.sweep import SweepJob, run_sweep
 
-    run_sweep(SweepJob(job, grid))
+    if run_sweep(SweepJob(job, grid)) is not None:
+        write_run_report(job.report_dir, report_dir)
 
 
 def _sweep_grid(tokens: list[str]) -> SweepGrid:
