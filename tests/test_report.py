@@ -134,7 +134,9 @@ def test_report_files_numbers_and_sizes(runs, report):
     payload = json.loads((runs["far"] / "davis_results-val.json").read_text())
     alpha = read_script(report / "data" / "seq" / "alpha.js")
     far = alpha["runs"][1]["objects"]["2"]
-    expected = next(o for o in payload["objects"] if o["sequence"] == "alpha" and o["object_id"] == 2)
+    expected = next(
+        o for o in payload["objects"] if o["sequence"] == "alpha" and o["object_id"] == 2
+    )
     assert far["J"][0] is None and far["J"][-1] is None
     assert far["J"][1:-1] == pytest.approx(expected["J"], abs=1e-4)
     assert far["stats"]["J-Mean"] == expected["J-Mean"]
@@ -190,7 +192,10 @@ def test_output_rules(runs, report, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep"
     assert "not a report" in error(runs["near"], "--out", runs["far"])
     assert "not a dino-vos result" in error(foreign, "--out", tmp_path / "r")
-    assert "--max-side" in invoke("report", runs["near"], "--out", tmp_path / "r", "--max-side", 8).output
+    assert (
+        "--max-side"
+        in invoke("report", runs["near"], "--out", tmp_path / "r", "--max-side", 8).output
+    )
     # a report folder is replaced by a new report
     again = invoke("report", runs["near"], "--out", report, "--max-side", 64)
     assert again.exit_code == 0, again.output
@@ -269,7 +274,9 @@ def test_sequence_page_scrub_keys_curves_and_sync(report, page):
     sources = {frames.nth(i).get_attribute("src") for i in range(3)}
     assert sources == {"img/alpha/frames/00003.jpg"}
     layers = [
-        page.locator(f'.panel[data-run="{r}"] .layer').first.evaluate("e => e.style.backgroundImage")
+        page.locator(f'.panel[data-run="{r}"] .layer').first.evaluate(
+            "e => e.style.backgroundImage"
+        )
         for r in (0, 1)
     ]
     assert "run0/00003.png" in layers[0] and "run1/00003.png" in layers[1]
