@@ -328,3 +328,28 @@ def test_attention_heads_are_scrubbable(attention_report, page):
     assert head.evaluate("img => img.complete && img.naturalWidth > 0")
     assert page.problems == []
     shutil.rmtree(attention_report)
+
+
+def test_eval_davis_sweep_report(runs, tiny_weights, tmp_path, page):
+    out, report = tmp_path / "sweep", tmp_path / "report"
+    result = invoke(
+        "eval", "davis", "--davis-root", runs["root"], "--weights", tiny_weights,
+        "--short-side", 64, "--out", out, "--sweep", "topk=1,2", "context=1,2",
+        "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"Report: open {(report / 'index.html').resolve().as_uri()}" in result.output
+    assert all(path.is_file() for path in referenced_files(report))
+    page.goto((report / "index.html").as_uri())
+    table = page.locator(".sweep-section table tbody tr")
+    assert table.count() == 4
+    rows = read_csv(out / "sweep.csv")
+    best = max(rows[1:], key=lambda row: float(row[rows[0].index("J&F-Mean")]))
+    assert table.first.inner_text().split("\t")[:3] == [best[0], best[1], best[2]]
+    heatmap = page.locator(".sweep-section img")
+    assert heatmap.evaluate("img => img.complete && img.naturalWidth > 0")
+    assert page.problems == []
+    # a setting of the sweep is an eval davis run of its own
+    setting = next((out / "settings").iterdir())
+    result = invoke("report", setting, "--out", tmp_path / "setting-report", "--max-side", 64)
+    assert result.exit_code == 0, result.output
