@@ -353,3 +353,33 @@ def test_eval_davis_sweep_report(runs, tiny_weights, tmp_path, page):
     setting = next((out / "settings").iterdir())
     result = invoke("report", setting, "--out", tmp_path / "setting-report", "--max-side", 64)
     assert result.exit_code == 0, result.output
+
+
+def test_youtube_vos_output_is_a_run(tiny_weights, tmp_path):
+    split = tmp_path / "ytvos" / "valid"
+    clip = make_clip(6, (48, 80), num_objects=2, seed=4)
+    names = [f"{5 * t:05d}" for t in range(6)]
+    (split / "JPEGImages" / "vid").mkdir(parents=True)
+    (split / "Annotations" / "vid").mkdir(parents=True)
+    for name, image in zip(names, clip.frames, strict=True):
+        cv2.imwrite(str(split / "JPEGImages" / "vid" / f"{name}.jpg"), image[..., ::-1])
+    first = np.where(clip.masks[0] == 1, 1, 0).astype(np.uint8)  # object 2 enters at frame 2
+    second = np.where(clip.masks[2] == 2, 2, 0).astype(np.uint8)
+    write_indexed_png(split / "Annotations" / "vid" / "00000.png", first)
+    write_indexed_png(split / "Annotations" / "vid" / "00010.png", second)
+    objects = {"1": {"frames": names}, "2": {"frames": names[2:]}}
+    (split / "meta.json").write_text(json.dumps({"videos": {"vid": {"objects": objects}}}))
+    out, report = tmp_path / "out", tmp_path / "report"
+    result = invoke(
+        "eval", "youtube-vos", "--root", split.parent, "--out", out, "--weights", tiny_weights,
+        "--short-side", 48,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = invoke("report", out, "--out", report)
+    assert result.exit_code == 0, result.output
+    overview = read_script(report / "data" / "index.js")
+    assert [s["name"] for s in overview["sequences"]] == ["vid"] and overview["rows"] == []
+    data = read_script(report / "data" / "seq" / "vid.js")
+    assert data["stems"] == names and data["runs"][0]["keyframes"] == [0, 2]
+    assert [o["id"] for o in data["objects"]] == [1, 2]
+    assert all(path.is_file() for path in referenced_files(report))
