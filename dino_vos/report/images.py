@@ -22,6 +22,13 @@ FALSE_NEGATIVE = (32, 160, 255)  # the object's ground truth that was missed
 JPEG_QUALITY = 85
 
 
+def display_colour(object_id: int) -> tuple[int, int, int]:
+    """The DAVIS colour of an id, brightened (largest channel 255) to stand out on frames."""
+    colour = davis_palette()[object_id % 256].astype(np.float64)
+    scale = 255.0 / colour.max() if colour.max() > 0 else 1.0
+    return tuple(int(round(c * scale)) for c in colour)  # type: ignore[return-value]
+
+
 def display_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(H, W) scaled so that the longer side is at most ``max_side`` (never enlarged)."""
     scale = min(1.0, max_side / max(height, width))
@@ -66,8 +73,8 @@ def _edges(mask: np.ndarray) -> np.ndarray:
 
 
 def mask_sprite(labels: np.ndarray, object_ids: list[int]) -> bytes:
-    """One layer per object: its pixels half transparent in its colour, its edge opaque."""
-    palette = davis_palette()
+    """One layer per object: its pixels half transparent in its (brightened DAVIS) colour, its
+    edge opaque."""
     layers = np.zeros((len(object_ids), *labels.shape), np.uint8)
     colours, alphas = [], []
     for index, object_id in enumerate(object_ids):
@@ -75,9 +82,9 @@ def mask_sprite(labels: np.ndarray, object_ids: list[int]) -> bytes:
         fill, edge = 1 + 2 * index, 2 + 2 * index
         layers[index][mask] = fill
         layers[index][_edges(mask)] = edge
-        colour = tuple(int(c) for c in palette[object_id % 256])
+        colour = display_colour(object_id)
         colours += [colour, colour]
-        alphas += [120, 255]
+        alphas += [110, 255]
     return _encode_layers(layers, colours, alphas)
 
 

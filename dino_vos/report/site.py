@@ -21,7 +21,7 @@ import numpy as np
 
 from dino_vos import __version__
 from dino_vos.errors import InputError
-from dino_vos.masks import davis_palette, read_mask
+from dino_vos.masks import read_mask
 from dino_vos.outputs import check_out_dir, read_manifest
 from dino_vos.report import images
 from dino_vos.report.runs import Run, SequenceResult
@@ -101,7 +101,7 @@ def group_sequences(runs: list[Run]) -> list[SequenceGroup]:
 
 
 def _colour(object_id: int) -> str:
-    red, green, blue = davis_palette()[object_id % 256]
+    red, green, blue = images.display_colour(object_id)
     return f"#{red:02x}{green:02x}{blue:02x}"
 
 

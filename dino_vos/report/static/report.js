@@ -262,14 +262,14 @@
   function overview() {
     crumb.textContent = "";
     document.title = "dino-vos report";
-    var parts = [el("h1", { text: "Runs" }), runsTable()];
+    var parts = [el("h1", { text: "Runs" }), el("div", { class: "wide" }, runsTable())];
     REPORT.sweeps.forEach(function (sweep) { parts.push(sweepSection(sweep)); });
     if (REPORT.rows.length) {
       parts.push(el("h2", { text: "Per sequence and object" }));
       parts.push(el("p", { class: "muted small", text: REPORT.runs.length > 1
         ? "Sorted by the largest change of J&F against the first run; click a header to sort, a row to open the sequence."
         : "Click a header to sort, a row to open the sequence." }));
-      parts.push(objectTable());
+      parts.push(el("div", { class: "wide" }, objectTable()));
     }
     var unscored = REPORT.sequences.filter(function (s) { return !s.groundTruth; });
     if (unscored.length) {
