@@ -70,9 +70,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for label, shift in (("near", 1), ("far", 3)):
         masks = shifted_results(root, base / f"masks-{label}", shift)
         out = base / label
-        result = invoke("eval", "davis", "--davis-root", root, "--results", masks, "--out", out)
+        extra = ["--report", base / "near-report"] if label == "near" else []
+        result = invoke(
+            "eval", "davis", "--davis-root", root, "--results", masks, "--out", out, *extra
+        )
         assert result.exit_code == 0, result.output
         found[label] = out
+        if extra:  # eval davis --report: written at the end, its path printed
+            index = (base / "near-report" / "index.html").resolve()
+            assert index.is_file() and f"Report: open {index.as_uri()}" in result.output
     return found
 
 
