@@ -163,13 +163,21 @@ def test_propagate_report_with_keyframes_and_ground_truth(clip_dir, tiny_weights
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Report: open file://" in result.output
-    data = read_script(report / "data" / "seq" / "run.js")
+    data = read_script(report / "data" / "seq" / "frames.js")
     assert data["runs"][0]["keyframes"] == [0, 3] and not any(data["gt"])
-    # with the ground truth, J and F are scored at report time with the DAVIS definitions
-    scored = tmp_path / "scored"
-    result = invoke("report", out, "--ground-truth", masks, "--out", scored)
+    # a second run of the same frames is shown beside the first; with the ground truth, J and F
+    # are scored at report time with the DAVIS definitions
+    first_only = tmp_path / "first-only"
+    result = invoke(
+        "propagate", clip_dir / "frames", "--mask", masks / "00000.png", "--weights",
+        tiny_weights, "--short-side", 64, "--out", first_only,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
-    data = read_script(scored / "data" / "seq" / "run.js")
+    scored = tmp_path / "scored"
+    result = invoke("report", out, first_only, "--ground-truth", masks, "--out", scored)
+    assert result.exit_code == 0, result.output
+    data = read_script(scored / "data" / "seq" / "frames.js")
+    assert [run["keyframes"] for run in data["runs"]] == [[0, 3], [0]]
     gt = np.stack([read_mask(p) for p in sorted(masks.glob("*.png"))])
     pred = np.stack([read_mask(out / p.name) for p in sorted(masks.glob("*.png"))])
     j, f = score_frames(gt, pred, int(gt.max()))

@@ -141,6 +141,7 @@ def load_run(path: str | Path, ground_truth: str | Path | None = None) -> Run:
             ground_truth or (clip if clip.is_dir() else None),
         )
         run.path, run.label = folder, folder.name
+        run.sequences[0].name = "demo-clip"
     else:
         raise InputError(
             f"{folder} is not a dino-vos result (no {MANIFEST_NAME} of eval davis, eval "
@@ -289,7 +290,8 @@ def _propagation_sequence(folder: Path, manifest: dict[str, Any], name: str) -> 
 
 
 def _propagate_run(folder: Path, manifest: dict[str, Any], ground_truth: str | Path | None) -> Run:
-    sequence = _propagation_sequence(folder, manifest, folder.name)
+    # named after its input, so that runs of the same video are shown side by side
+    sequence = _propagation_sequence(folder, manifest, Path(manifest["input"]).stem)
     if ground_truth is not None:
         gt_folder = Path(ground_truth)
         sequence.ground_truth = _png_stems(gt_folder)
