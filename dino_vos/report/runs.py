@@ -141,7 +141,6 @@ def load_run(path: str | Path, ground_truth: str | Path | None = None) -> Run:
             ground_truth or (clip if clip.is_dir() else None),
         )
         run.path, run.label = folder, folder.name
-        run.sequences[0].name = "demo-clip"
     else:
         raise InputError(
             f"{folder} is not a dino-vos result (no {MANIFEST_NAME} of eval davis, eval "
