@@ -18,7 +18,8 @@ from dino_vos.transforms import IMAGENET_MEAN, REFERENCE_VIDEO_STD, frame_to_ten
 
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
-#: Frames per backbone forward on CUDA (on CPU batching is not faster: 1, see README).
+#: Frames per backbone forward on CUDA (on CPU batching is not faster: 1, see
+#: docs/evaluation.md#on-gpus).
 CUDA_BATCH_SIZE = 8
 #: How far the decoding thread may run ahead of the backbone.
 PREFETCH_FRAMES = 4

@@ -90,7 +90,8 @@ if TYPE_CHECKING:
     metavar="NAME=V1,V2",
     help="Sweep propagation parameters (topk, context, radius, temperature, max_references) over "
     "one feature cache: every combination runs into OUT/settings/<tag>/; further NAME=V1,V2 may "
-    "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (README: Parameter sweeps).",
+    "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (docs/evaluation.md: "
+    "Parameter sweeps).",
 )
 @click.argument("sweep_more", nargs=-1, metavar="[NAME=V1,V2]...")
 @report_option
