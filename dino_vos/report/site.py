@@ -163,7 +163,7 @@ class ReportWriter:
         has_mask = [[0] * len(stems) for _ in self.runs]
         has_diff = [[0] * len(stems) for _ in self.runs]
         size = None
-        source = open_source(reference.frames)
+        source = open_source(reference.frames, allow_image=True)
         for frame in source:
             t = index_of.get(frame.name)
             if t is None:
@@ -238,7 +238,7 @@ class ReportWriter:
         index_of = {stem: t for t, stem in enumerate(attention.stems)}
         base = f"img/{slug}"
         size = tile = None
-        for frame in open_source(attention.frames):
+        for frame in open_source(attention.frames, allow_image=True):
             t = index_of.get(frame.name)
             if t is None:
                 continue
