@@ -249,6 +249,12 @@ def page(browser):
     opened.close()
 
 
+def loaded(page, image) -> None:
+    """Wait until ``image`` has decoded a picture (fails after 10 s when its file is bad)."""
+    check = "img => img.complete && img.naturalWidth > 0"
+    page.wait_for_function(check, arg=image.element_handle(), timeout=10_000)
+
+
 def counter(page) -> int:
     return int(re.match(r"frame (\d+) /", page.inner_text("#counter")).group(1))
 
@@ -338,8 +344,7 @@ def test_attention_heads_are_scrubbable(attention_report, page):
     assert head.get_attribute("src").endswith("head1/00000.jpg")
     page.keyboard.press("ArrowRight")
     assert counter(page) == 1 and head.get_attribute("src").endswith("head1/00001.jpg")
-    page.wait_for_load_state("load")
-    assert head.evaluate("img => img.complete && img.naturalWidth > 0")
+    loaded(page, head)
     assert page.problems == []
     shutil.rmtree(attention_report)
 
@@ -361,7 +366,7 @@ def test_eval_davis_sweep_report(runs, tiny_weights, tmp_path, page):
     best = max(rows[1:], key=lambda row: float(row[rows[0].index("J&F-Mean")]))
     assert table.first.inner_text().split("\t")[:3] == [best[0], best[1], best[2]]
     heatmap = page.locator(".sweep-section img")
-    assert heatmap.evaluate("img => img.complete && img.naturalWidth > 0")
+    loaded(page, heatmap)
     assert page.problems == []
     # a setting of the sweep is an eval davis run of its own
     setting = next((out / "settings").iterdir())
