@@ -319,7 +319,12 @@ def _sweep_run(folder: Path) -> Run:
     names = list(payload["grid"])
     heatmap = folder / "sweep.png"
     sweep = SweepResult(names, payload["rows"], heatmap if heatmap.is_file() else None)
-    return Run(folder, "sweep", folder.name, sweep=sweep)
+    scored = [row for row in payload["rows"] if not np.isnan(float(row["J&F-Mean"]))]
+    note = f"{len(payload['rows'])} settings"
+    if scored:
+        best = max(scored, key=lambda row: float(row["J&F-Mean"]))
+        note += f"; best J&F-Mean {float(best['J&F-Mean']):.3f}: {best['tag']}"
+    return Run(folder, "sweep", folder.name, summary={"settings": {"note": note}}, sweep=sweep)
 
 
 def _attention_run(folder: Path, manifest: dict[str, Any]) -> Run:

@@ -174,6 +174,7 @@
     }
     if (settings.shift_ensemble && settings.shift_ensemble > 1) parts.push("shift-ensemble " + settings.shift_ensemble);
     if (settings.max_frames) parts.push("first " + settings.max_frames + " frames");
+    if (settings.note) parts.push(settings.note);
     return parts.join(", ");
   }
 
@@ -256,7 +257,7 @@
     var rows = sweep.rows.map(function (row) { return Object.assign({}, row); });
     var body = el("div", { class: "sweep" }, sortableTable(columns, rows, { key: "J&F-Mean", asc: false }));
     if (sweep.heatmap) body.appendChild(el("img", { src: sweep.heatmap, alt: "sweep heat map of " + sweep.label }));
-    return el("section", { class: "sweep-section" }, el("h2", { text: "Sweep " + sweep.label }), body);
+    return el("section", { class: "sweep-section" }, el("h2", { text: "Sweep: " + sweep.label }), body);
   }
 
   function overview() {
