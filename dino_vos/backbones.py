@@ -325,7 +325,7 @@ def load_backbone(
       ``None`` infers the architecture from ``weights``, or without weights takes
       :func:`default_backbone_name`.
     - ``weights``: a local file: DINO, DINOv2, DINOv3, iBOT, MoCo v3, MAE and timm checkpoints,
-      bare state dicts, ``.safetensors``, dino-vos checkpoints (README "Backbones and weights").
+      bare state dicts, ``.safetensors``, dino-vos checkpoints (docs/backbones.md).
     - ``checkpoint_key``: the network of a file that holds several (``teacher``/``student``,
       MoCo v3's ``base_encoder``/``momentum_encoder``); None takes ``teacher`` or
       ``base_encoder``.

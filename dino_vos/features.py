@@ -17,7 +17,8 @@ from dino_vos.sources import Frame
 from dino_vos.spec import INFERENCE_PRECISIONS, Precision, ResizeSpec
 from dino_vos.transforms import FRAME_STDS, IMAGENET_MEAN, frame_to_tensor
 
-#: Frames per backbone forward on CUDA (on CPU batching is not faster: 1, see README).
+#: Frames per backbone forward on CUDA (on CPU batching is not faster: 1, see
+#: docs/evaluation.md#on-gpus).
 CUDA_BATCH_SIZE = 8
 #: How far the decoding thread may run ahead of the backbone.
 PREFETCH_FRAMES = 4

@@ -120,6 +120,7 @@ def _stop_decoding_threads() -> None:
         "features": "dino_vos.cli.export:features",
         "eval": "dino_vos.cli.eval:eval_group",
         "pretrain": "dino_vos.cli.pretrain:pretrain",
+        "report": "dino_vos.cli.report:report",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -18,6 +18,7 @@ from dino_vos.cli.options import (
     propagation_options,
     with_backbone_spec,
 )
+from dino_vos.cli.report import check_report_dir, report_option, write_run_report
 from dino_vos.errors import InputError
 from dino_vos.spec import BackboneSpec, Direction, KeyframeSchedule, PropagationConfig
 
@@ -91,7 +92,8 @@ DAVIS_SMALLEST_FRAME = (480, 854)
     metavar="NAME=V1,V2",
     help="Sweep propagation parameters (topk, context, radius, temperature, max_references) over "
     "one feature cache: every combination runs into OUT/settings/<tag>/; further NAME=V1,V2 may "
-    "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (README: Parameter sweeps).",
+    "follow as arguments. Writes OUT/sweep.csv, sweep.json, sweep.png (docs/evaluation.md: "
+    "Parameter sweeps).",
 )
 @click.argument("sweep_more", nargs=-1, metavar="[NAME=V1,V2]...")
 @click.option(
@@ -102,6 +104,7 @@ DAVIS_SMALLEST_FRAME = (480, 854)
     "J&F-Mean there and run only it on --split; OUT/selection.json states the grid, the choice "
     "and both scores. SPLIT must not be --split.",
 )
+@report_option
 @overwrite_option
 @with_backbone_spec(seed=True, frames=True)
 def davis(
@@ -122,6 +125,7 @@ def davis(
     sweep: tuple[str, ...],
     sweep_more: tuple[str, ...],
     select_on: str | None,
+    report_dir: Path | None,
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
@@ -185,17 +189,23 @@ def davis(
         direction=direction,
     )
     job.check(given, sweep=grid is not None)
+    data = [davis_root / "Annotations", davis_root / "JPEGImages"]
+    check_report_dir(report_dir, [*data, job.report_dir])
     if grid is None:
-        run_davis(job)
+        if run_davis(job) is not None:  # rank 0
+            write_run_report(job.report_dir, report_dir)
         return
     from dino_vos.eval.vos.sweep import SweepJob, run_sweep
 
     if select_on is None:
-        run_sweep(SweepJob(job, grid))
+        if run_sweep(SweepJob(job, grid)) is not None:
+            write_run_report(job.report_dir, report_dir)
         return
     from dino_vos.eval.vos.selection import SelectionJob, run_selection
 
-    run_selection(SelectionJob(SweepJob(job, grid), select_on))
+    if run_selection(SelectionJob(SweepJob(job, grid), select_on)) is not None:
+        # the report shows the reported run: the chosen setting on --split
+        write_run_report(job.report_dir / f"chosen-{job.split}", report_dir)
 
 
 def _sweep_grid(tokens: list[str]) -> SweepGrid:

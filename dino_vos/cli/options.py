@@ -147,7 +147,7 @@ def backbone_options(func: Callable) -> Callable:
                 type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
                 help="Local weights: DINO, DINOv2, iBOT, MoCo v3, MAE or timm checkpoints, state "
-                "dicts, .safetensors (README: Backbones and weights).",
+                "dicts, .safetensors (docs/backbones.md).",
             ),
             click.option(
                 "--checkpoint-key",

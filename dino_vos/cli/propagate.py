@@ -18,6 +18,7 @@ from dino_vos.cli.options import (
     store_budget_option,
     with_backbone_spec,
 )
+from dino_vos.cli.report import check_report_dir, report_option, write_run_report
 from dino_vos.console import console, progress_bar
 from dino_vos.defaults import DEMO_OUTPUTS, DEMO_SIZE
 from dino_vos.errors import DinoVosError
@@ -91,6 +92,7 @@ def _run_metadata(features: BatchExtractor) -> dict[str, Any]:
 @direction_option()
 @store_budget_option
 @max_frames_option
+@report_option
 @overwrite_option
 @with_backbone_spec(frames=True)
 def propagate(
@@ -104,6 +106,7 @@ def propagate(
     overlay: Path | None,
     save_probs: str | None,
     max_frames: int | None,
+    report_dir: Path | None,
     overwrite: bool,
     spec: BackboneSpec,
 ) -> None:
@@ -124,6 +127,7 @@ def propagate(
     mask_files = [file for _, file in given]
     inputs = [input_path, *mask_files, *([masks_dir] if masks_dir else [])]
     check_outputs(out_dir, overlay, inputs, overwrite)
+    check_report_dir(report_dir, [*inputs, out_dir])
 
     from dino_vos.api import propagate_to_folder
 
@@ -158,6 +162,7 @@ def propagate(
         f"{summary.out_dir} in {summary.seconds:.1f} s ({summary.frames_per_second:.2f} frames/s)"
         f"{extra}"
     )
+    write_run_report(out_dir, report_dir)
 
 
 @click.command()
