@@ -240,8 +240,8 @@ def score_sequence(
 
     scored = [s for s in _scored_stems(sequence) if s in sequence.ground_truth]
     num_objects = max(object_ids, default=0)
-    j_values = {k: [] for k in object_ids}
-    f_values = {k: [] for k in object_ids}
+    j_values: dict[int, list[float]] = {k: [] for k in object_ids}
+    f_values: dict[int, list[float]] = {k: [] for k in object_ids}
     kept = []
     for stem in scored:
         gt = read_mask(sequence.ground_truth[stem])
@@ -298,7 +298,7 @@ def _propagate_run(folder: Path, manifest: dict[str, Any], ground_truth: str | P
             raise InputError(f"--ground-truth {gt_folder} holds no PNG masks named like frames")
         ids = sorted(int(i) for i in manifest.get("object_ids", []) if int(i) not in (0, 255))
         sequence.objects = score_sequence(sequence, ids)
-    summary = {"settings": {"propagation": manifest.get("propagation")}}
+    summary: dict[str, Any] = {"settings": {"propagation": manifest.get("propagation")}}
     if sequence.objects:
         summary["global"] = global_of(sequence.objects)
     return Run(folder, "propagate", folder.name, [sequence], summary)

@@ -169,7 +169,8 @@ class ReportWriter:
             if t is None:
                 continue
             if size is None:
-                size = images.display_size(*frame.image.shape[:2], self.max_side)
+                height, width = frame.image.shape[:2]
+                size = images.display_size(height, width, self.max_side)
             picture = images.resize_image(frame.image, size)
             self.write(f"{base}/frames/{t:05d}.jpg", images.encode_jpeg(picture))
             gt = None
@@ -191,7 +192,7 @@ class ReportWriter:
             advance(1)
         if size is None:
             raise InputError(f"no frame of {group.name} found in {reference.frames}")
-        runs = []
+        runs: list[dict[str, Any] | None] = []
         for r, result in enumerate(group.results):
             if result is None:
                 runs.append(None)
@@ -243,8 +244,9 @@ class ReportWriter:
             if t is None:
                 continue
             if size is None:
-                size = images.display_size(*frame.image.shape[:2], self.max_side)
-                tile = images.display_size(*frame.image.shape[:2], max(64, self.max_side // 2))
+                height, width = frame.image.shape[:2]
+                size = images.display_size(height, width, self.max_side)
+                tile = images.display_size(height, width, max(64, self.max_side // 2))
             picture = images.resize_image(frame.image, size)
             self.write(f"{base}/frames/{t:05d}.jpg", images.encode_jpeg(picture))
             for name in attention.maps:
@@ -295,7 +297,7 @@ def write_site(
     attention_runs = [run for run in runs if run.attention is not None]
     taken = {group.slug for group in groups}
     total = sum(len(g.reference.stems) for g in groups)
-    total += sum(len(r.attention.stems) for r in attention_runs)  # type: ignore[union-attr]
+    total += sum(len(r.attention.stems) for r in attention_runs if r.attention is not None)
     inputs = [path for run in runs for path in run.inputs]
     with OutputSink(out, None, 25.0, overwrite, inputs) as sink:
         writer = ReportWriter(sink, runs, max_side)
