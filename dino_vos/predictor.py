@@ -35,12 +35,7 @@ from dino_vos.masks import (
     downsample_labels,
     resize_labels,
 )
-from dino_vos.propagation import (
-    LabelPropagator,
-    labels_from_soft,
-    labels_from_soft_guided,
-    labels_from_soft_nearest,
-)
+from dino_vos.propagation import LabelPropagator, soft_to_channels
 from dino_vos.sizes import DEFAULT_STORE_BUDGET, format_size
 from dino_vos.sources import Frame, FrameSource, MemorySource, open_source
 from dino_vos.spec import DIRECTIONS, Direction, PropagationConfig
@@ -234,29 +229,10 @@ class VideoPropagator:
         size: tuple[int, int],
         image: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Object ids (H, W) at the frame size from a (C, h, w) soft map (the reference's
-        upsampling, normalisation and argmax, then nearest resizing; the protocol's
-        normalisation, docs/protocol.md#protocols). With ``upsample="guided"`` the RGB frame
-        ``image`` guides the upsampling (docs/protocol.md#refinements); the reference path
-        ignores it. ``nearest`` upsamples straight to the frame size (DINOv3)."""
-        patch = self.features.patch_size
-        normalisation = self.config.rules.soft_normalisation
-        if self.config.upsample == "guided":
-            if image is None:
-                raise InputError("guided upsampling needs the frame image")
-            guide = guide_image(image, (soft.shape[1] * patch, soft.shape[2] * patch))
-            channels = labels_from_soft_guided(
-                soft,
-                patch,
-                guide,
-                self.config.guided_radius,
-                self.config.guided_eps,
-                normalisation=normalisation,
-            )
-        elif self.config.upsample == "nearest":
-            channels = labels_from_soft_nearest(soft, size, normalisation)
-        else:
-            channels = labels_from_soft(soft, patch, normalisation=normalisation)
+        """Object ids (H, W) at the frame size from a (C, h, w) soft map: the configured
+        post-processing (:func:`dino_vos.propagation.soft_to_channels`; ``image``, the RGB
+        frame, guides ``upsample="guided"``), then the channels' object ids, nearest-resized."""
+        channels = soft_to_channels(soft, self.config, self.features.patch_size, size, image)
         return resize_labels(object_ids.to_ids(channels.cpu().numpy()), size)
 
     def _embedded(self, frames: Iterable[Frame]) -> Generator[tuple[Frame, torch.Tensor]]:
@@ -454,16 +430,6 @@ class StorePlan:
     soft_from: int
     segment: int
     cached_from: int = 2**62
-
-
-def guide_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(H', W') float32 grayscale guide in [0, 1] of an RGB uint8 frame, resized (area) to
-    ``size`` = the upsampled soft map (docs/protocol.md#refinements)."""
-    import cv2
-
-    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
-    resized = cv2.resize(gray, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(resized.astype(np.float32) / 255.0)
 
 
 def fuse_soft_maps(

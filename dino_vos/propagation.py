@@ -20,6 +20,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -660,3 +661,44 @@ def labels_from_soft_guided(
         raise ValueError(f"guide {tuple(guide.shape)} != upsampled map {tuple(up.shape[1:])}")
     filtered = guided_filter(guide.to(up.device), up, radius or patch_size, eps)
     return normalised_argmax(filtered, normalisation)
+
+
+def soft_to_channels(
+    soft: torch.Tensor,
+    config: PropagationConfig,
+    patch_size: int,
+    size: tuple[int, int],
+    image: np.ndarray | None = None,
+) -> torch.Tensor:
+    """The post-processing of a (C, h, w) soft map into channel indices, in one place: the
+    reference's bilinear upsampling by the patch size (docs/protocol.md#propagation), the
+    frame-guided one (``upsample="guided"``, ``image`` the RGB frame,
+    docs/protocol.md#refinements) or nearest upsampling straight to the frame ``size``
+    (DINOv3, docs/protocol.md#dinov3-protocol); then the protocol's per-channel normalisation
+    and the argmax. The caller maps channels to object ids and resizes to the frame."""
+    normalisation = config.rules.soft_normalisation
+    if config.upsample == "guided":
+        if image is None:
+            raise ValueError("guided upsampling needs the frame image")
+        guide = guide_image(image, (soft.shape[1] * patch_size, soft.shape[2] * patch_size))
+        return labels_from_soft_guided(
+            soft,
+            patch_size,
+            guide,
+            config.guided_radius,
+            config.guided_eps,
+            normalisation=normalisation,
+        )
+    if config.upsample == "nearest":
+        return labels_from_soft_nearest(soft, size, normalisation)
+    return labels_from_soft(soft, patch_size, normalisation=normalisation)
+
+
+def guide_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H', W') float32 grayscale guide in [0, 1] of an RGB uint8 frame, resized (area) to
+    ``size`` = the upsampled soft map (docs/protocol.md#refinements)."""
+    import cv2
+
+    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    resized = cv2.resize(gray, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(resized.astype(np.float32) / 255.0)

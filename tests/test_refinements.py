@@ -15,8 +15,13 @@ from dino_vos.cli import main
 from dino_vos.cli.options import propagation_options, with_backbone_spec
 from dino_vos.features import BackboneFeatures, ShiftEnsembleFeatures, embed_frames
 from dino_vos.masks import ObjectIds, resize_labels
-from dino_vos.predictor import VideoPropagator, guide_image
-from dino_vos.propagation import guided_filter, labels_from_soft, labels_from_soft_guided
+from dino_vos.predictor import VideoPropagator
+from dino_vos.propagation import (
+    guide_image,
+    guided_filter,
+    labels_from_soft,
+    labels_from_soft_guided,
+)
 from dino_vos.sources import Frame
 from dino_vos.spec import PROPAGATION_PRESETS, BackboneSpec, PropagationConfig, ResizeSpec
 from dino_vos.synthetic import make_clip
