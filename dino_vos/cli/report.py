@@ -24,7 +24,7 @@ def check_report_dir(report_dir: Path | None, inputs: Sequence[Path]) -> None:
     """Apply the output rules to ``--report`` before a run starts (not after hours of it)."""
     if report_dir is None:
         return
-    from dino_vos.report.site import check_report_target
+    from dino_vos.eval.report.site import check_report_target
 
     check_report_target(report_dir, inputs)
 
@@ -34,7 +34,7 @@ def write_run_report(run_dir: Path, report_dir: Path | None) -> None:
     if report_dir is None:
         return
     from dino_vos.console import console
-    from dino_vos.report import write_report
+    from dino_vos.eval.report import write_report
 
     index = write_report([run_dir], report_dir, DEFAULT_MAX_SIDE)
     console.print(f"Report: open {index.resolve().as_uri()}", soft_wrap=True)
@@ -81,7 +81,7 @@ def report(
     import time
 
     from dino_vos.console import console
-    from dino_vos.report import report_summary, write_report
+    from dino_vos.eval.report import report_summary, write_report
 
     start = time.perf_counter()
     index = write_report(list(runs), out_dir, max_side, ground_truth, overwrite)

@@ -1,8 +1,9 @@
 """``dino-vos report``: an offline HTML report to scrub, compare and diagnose runs.
 
-:func:`write_report` reads result folders (:mod:`dino_vos.report.runs`), draws bounded-size
-pictures (:mod:`dino_vos.report.images`) and writes a static site (:mod:`dino_vos.report.site`)
-that opens from ``file://``. It needs no backbone: only the result folders and their frames.
+:func:`write_report` reads result folders (:mod:`dino_vos.eval.report.runs`), draws
+bounded-size pictures (:mod:`dino_vos.eval.report.images`) and writes a static site
+(:mod:`dino_vos.eval.report.site`) that opens from ``file://``. It needs no backbone: only the
+result folders and their frames.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def write_report(
     outputs (a ``demo`` folder brings its own).
     """
     from dino_vos.errors import InputError
-    from dino_vos.report.runs import load_run, unique_labels
-    from dino_vos.report.site import write_site
+    from dino_vos.eval.report.runs import load_run, unique_labels
+    from dino_vos.eval.report.site import write_site
 
     if not runs:
         raise InputError("give at least one result folder to report on")

@@ -21,10 +21,10 @@ import numpy as np
 
 from dino_vos import __version__
 from dino_vos.errors import InputError
+from dino_vos.eval.report import images
+from dino_vos.eval.report.runs import Run, SequenceResult
 from dino_vos.masks import read_mask
 from dino_vos.outputs import check_out_dir, read_manifest
-from dino_vos.report import images
-from dino_vos.report.runs import Run, SequenceResult
 from dino_vos.writers import OutputSink
 
 REPORT_FORMAT = "dino-vos-report"
@@ -346,7 +346,7 @@ def write_site(
             "sweeps": sweeps,
         }
         writer.write("data/index.js", _script("DINO_VOS_REPORT", overview))
-        static = resources.files("dino_vos.report") / "static"
+        static = resources.files("dino_vos.eval.report") / "static"
         for name in STATIC_FILES:
             writer.write(name, (static / name).read_bytes())
         manifest = {
