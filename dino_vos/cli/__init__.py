@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from dino_vos import __version__
-from dino_vos.errors import DinoVosError
+from dino_vos.errors import DinoVosError, naming
 
 
 class Terminated(KeyboardInterrupt):
@@ -72,6 +72,26 @@ class _OneLineUsageError(click.ClickException):
     exit_code = click.UsageError.exit_code
 
 
+#: API parameters (dino_vos.errors.param) whose option is not ``--`` and the name with dashes;
+#: ``name=value`` keys are switches that stand for that value.
+FLAGS = {
+    "name": "--backbone",
+    "out_dir": "--out",
+    "cache_dir": "--cache",
+    "pretrained=False": "--random-init",
+}
+
+
+def flag_name(name: str, value: str | None) -> str:
+    """How a message names API parameter ``name`` (and ``value``) on the command line:
+    ``short_side=60`` -> ``--short-side 60``, ``allow_partial=True`` -> ``--allow-partial``."""
+    switch = FLAGS.get(f"{name}={value}")
+    if switch is not None:
+        return switch
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flag if value is None or value == "True" else f"{flag} {value}"
+
+
 class DinoVosGroup(LazyGroup):
     """The root group: :class:`DinoVosError` becomes one line on stderr and exit code 2, and
     so does every usage error of click (a bad value, a missing or unknown option)."""
@@ -83,6 +103,10 @@ class DinoVosGroup(LazyGroup):
             raise one_line_usage_error(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        with naming(flag_name):  # every message of the command names options, not parameters
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:

@@ -11,7 +11,7 @@ from typing import Any
 from dino_vos import __version__
 from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
 from dino_vos.eval.vos.davis_data import DavisDataset
 from dino_vos.eval.vos.davis_report import (
@@ -167,7 +167,11 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
         job.overwrite,
         job.cache_dir,
         shared=job.scoring_only,  # the results folder holds the masks: only reports are ours
-        fix="pass --out DIR for the reports" if job.scoring_only else "choose another --out",
+        fix=(
+            f"pass {param('out_dir', 'DIR')} for the reports"
+            if job.scoring_only
+            else f"choose another {param('out_dir')}"
+        ),
     )
 
 
