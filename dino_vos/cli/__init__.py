@@ -78,6 +78,7 @@ FLAGS = {
     "name": "--backbone",
     "out_dir": "--out",
     "cache_dir": "--cache",
+    "results_dir": "--results",
     "pretrained=False": "--random-init",
 }
 
