@@ -79,17 +79,26 @@ FLAGS = {
     "out_dir": "--out",
     "cache_dir": "--cache",
     "results_dir": "--results",
+    "assignments": "--set",  # pretraining config: a dotted key without its own option
+    "data.paths": "--data",
+    "optim.base_lr": "--lr",
+    "optim.batch_size_per_gpu": "--batch-size",
+    "train.precision": "--precision",
     "pretrained=False": "--random-init",
 }
 
 
 def flag_name(name: str, value: str | None) -> str:
     """How a message names API parameter ``name`` (and ``value``) on the command line:
-    ``short_side=60`` -> ``--short-side 60``, ``allow_partial=True`` -> ``--allow-partial``."""
+    ``short_side=60`` -> ``--short-side 60``, ``allow_partial=True`` -> ``--allow-partial``,
+    a pretraining config key ``crops.local_number=6`` -> ``--set crops.local_number=6``."""
     switch = FLAGS.get(f"{name}={value}")
     if switch is not None:
         return switch
-    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    flag = FLAGS.get(name)
+    if flag is None and "." in name:  # a pretraining config key without an option of its own
+        return f"--set {name}" + ("" if value is None else f"={value}")
+    flag = flag or "--" + name.replace("_", "-")
     return flag if value is None or value == "True" else f"{flag} {value}"
 
 
