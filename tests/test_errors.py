@@ -43,6 +43,8 @@ def test_api_error_names_the_parameter_and_the_cli_error_the_option(
         ("out_dir", "runs/a", "out_dir=runs/a", "--out runs/a"),
         ("allow_partial", True, "allow_partial=True", "--allow-partial"),
         ("pretrained", False, "pretrained=False", "--random-init"),
+        ("optim.base_lr", None, "optim.base_lr=", "--lr"),
+        ("crops.local_number", 6, "crops.local_number=6", "--set crops.local_number=6"),
     ],
 )
 def test_a_parameter_reads_as_keyword_in_the_api_and_as_option_in_the_cli(name, value, api, cli):

@@ -104,7 +104,9 @@ def flag_name(name: str, value: str | None) -> str:
 
 class DinoVosGroup(LazyGroup):
     """The root group: :class:`DinoVosError` becomes one line on stderr and exit code 2, and
-    so does every usage error of click (a bad value, a missing or unknown option)."""
+    so does every usage error of click (a bad value, a missing or unknown option). Messages
+    name the API parameters they are about; while a command runs they read as its options
+    (:func:`flag_name`)."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
