@@ -25,7 +25,7 @@ from dino_vos import hub
 from dino_vos.arch import GUESSED_HEADS, STANDARD_HEADS, infer_arch
 from dino_vos.checkpoints import BackboneWeights, load_backbone_weights
 from dino_vos.device import resolve_device
-from dino_vos.errors import ArchitectureGuessWarning, BackboneError
+from dino_vos.errors import ArchitectureGuessWarning, BackboneError, param
 from dino_vos.models import build_vit, create_model, load_state
 from dino_vos.registry import (
     DEFAULT_BACKBONE,
@@ -256,7 +256,7 @@ def _pretrained_model(timm_name: str, short_name: str | None) -> tuple[nn.Module
     official = entry.checkpoint_file if entry and entry.checkpoint_file else "the weights file"
     hint = (
         f"download {official} (or the timm weights of {timm_name}) on a connected machine and "
-        "pass --weights PATH"
+        f"pass {param('weights', 'PATH')}"
     )
     if not hub.online():
         raise BackboneError(f"no network and no cached weights for '{timm_name}': {hint}")
@@ -278,7 +278,8 @@ def _warn_guessed_heads(arch: Mapping[str, Any], weights: BackboneWeights, path:
     warnings.warn(
         f"{path.name} does not record its architecture: assumed {heads} heads for width {width} "
         f"(the DINO/DINOv2 convention; MoCo v3's ViT-S has 12); if that is wrong, name the "
-        "architecture with --backbone (a timm name with the right head count, or mocov3_vits16)",
+        f"architecture with {param('name')} (a timm name with the right head count, or "
+        "mocov3_vits16)",
         ArchitectureGuessWarning,
         stacklevel=3,
     )
@@ -339,11 +340,16 @@ def load_backbone(
         name = default_backbone_name()
     if name is not None and (Path(name).suffix in WEIGHT_SUFFIXES or Path(name).is_file()):
         if weights is not None:
-            raise BackboneError("give the weights file either as the backbone or as --weights")
+            raise BackboneError(
+                f"give the weights file either as {param('name')} or as {param('weights')}"
+            )
         name, weights = None, name
     shipped = _shipped_file(name) if name else None
     if not pretrained and weights is not None:
-        raise BackboneError("random init takes no weights file: drop --weights or --random-init")
+        raise BackboneError(
+            f"random init takes no weights file: drop {param('weights')} or "
+            f"{param('pretrained', False)}"
+        )
     if weights is None and shipped is not None:
         if not pretrained:  # the shipped architecture, freshly initialised
             recorded = load_backbone_weights(shipped)
@@ -366,8 +372,8 @@ def load_backbone(
         entry = registered_backbone(short_name) if short_name else None
         if pretrained and entry is not None and not entry.hub:
             raise BackboneError(
-                f"'{name}' has no downloadable weights: pass its checkpoint with --weights PATH "
-                "(or --random-init)"
+                f"'{name}' has no downloadable weights: pass its checkpoint with "
+                f"{param('weights', 'PATH')} (or {param('pretrained', False)})"
             )
         kwargs: dict[str, Any] = dict(entry.timm_kwargs) if entry is not None else {}
         if pretrained:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dino_vos.atomic import atomic_path
-from dino_vos.errors import BackboneError
+from dino_vos.errors import BackboneError, param
 
 if TYPE_CHECKING:
     from dino_vos.formats import CheckpointFormat
@@ -136,7 +136,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Load a checkpoint file as plain data; returns (content, safetensors metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise BackboneError(f"weights file not found: {path} (check the path given to --weights)")
+        raise BackboneError(
+            f"weights file not found: {path} (check the path given as {param('weights')})"
+        )
     if path.suffix == ".safetensors":
         try:
             tensors = load_file(str(path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dino_vos.errors import DinoVosError
+from dino_vos.errors import DinoVosError, param
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -21,6 +21,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DinoVosError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DinoVosError(
-            f"device '{device}' requested but CUDA is not available: use --device cpu"
+            f"device '{device}' requested but CUDA is not available: use {param('device', 'cpu')}"
         )
     return resolved

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dino_vos.backbones import Backbone, weights_fingerprint
-from dino_vos.errors import DinoVosError, InputError
+from dino_vos.errors import DinoVosError, InputError, param
 from dino_vos.sources import Frame
 from dino_vos.spec import INFERENCE_PRECISIONS, Precision, ResizeSpec
 from dino_vos.transforms import FRAME_STDS, IMAGENET_MEAN, frame_to_tensor
@@ -284,7 +284,7 @@ def _describe(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
     if isinstance(exc, MemoryError) or "memory" in text.lower():
-        text += " (out of memory: lower --short-side or --batch-size)"
+        text += f" (out of memory: lower {param('short_side')} or {param('batch_size')})"
     return text
 
 

@@ -25,7 +25,7 @@ from dino_vos.checkpoints import (
     is_state_dict,
     strip_prefixes,
 )
-from dino_vos.errors import BackboneError
+from dino_vos.errors import BackboneError, param
 
 #: Width and head count fixed by an architecture name the original code records: ``args.arch``
 #: of DINO and iBOT (``deit_*`` in early DINO), DINOv2's ``student.arch``, MAE's ``args.model``.
@@ -135,7 +135,7 @@ def _single_network(content: Content, key: str | None, source: str) -> Found:
     if key is not None:
         raise BackboneError(
             f"{source} holds a single network ({detect_format(content, None).name}), so "
-            f"--checkpoint-key {key} does not apply: drop it"
+            f"{param('checkpoint_key', key)} does not apply: drop it"
         )
     return state, None, None
 
@@ -147,7 +147,7 @@ def _training_network(content: Content, key: str | None, source: str) -> Found:
     if network not in networks:
         raise BackboneError(
             f"{source} has no '{network}' entry (it has {', '.join(networks)}): "
-            f"use --checkpoint-key {networks[0]}"
+            f"use {param('checkpoint_key', networks[0])}"
         )
     return content[network], network, None
 
@@ -159,7 +159,7 @@ def _moco_network(content: Content, key: str | None, source: str) -> Found:
     if network not in moco:
         raise BackboneError(
             f"{source} is a MoCo v3 checkpoint with {' and '.join(moco)}, not '{network}': "
-            f"use --checkpoint-key {' or '.join(moco)} (default base_encoder)"
+            f"use {param('checkpoint_key', ' or '.join(moco))} (default base_encoder)"
         )
     return content["state_dict"], network, network
 

@@ -3,7 +3,7 @@
 Backward and ``both`` visit frames from the last keyframe towards frame 0, after a first pass
 that streams the video forward. Nothing here grows with the video: a :class:`FrameStore` keeps
 tensors (forward soft maps, cached patch features) in a temporary folder whose size never
-exceeds its byte budget (``--store-budget``), and a :class:`FrameReader` decodes the frames
+exceeds its byte budget (``store_budget``), and a :class:`FrameReader` decodes the frames
 again, a chunk at a time from the end (random access through decord / OpenCV seeking or a
 folder's files), checking each against a checksum taken in the first pass. Decoded frames are
 never stored.

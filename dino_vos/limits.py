@@ -13,7 +13,7 @@ import re
 import struct
 from pathlib import Path
 
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 
 #: --short-side of the frame commands (propagate, demo, attention, features, eval davis, ...).
 MAX_SHORT_SIDE = 4096
@@ -72,7 +72,7 @@ def check_frame_memory(
     input_size: tuple[int, int],
     patch_size: int,
     batch_size: int,
-    options: str = "--short-side or --batch-size",
+    options: str = f"{param('short_side')} or {param('batch_size')}",
 ) -> None:
     """Refuse a frame resize (original ``frame_size`` -> network ``input_size``) that cannot
     fit into this machine's memory, naming the network input size."""

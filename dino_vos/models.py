@@ -15,7 +15,7 @@ from torch import nn
 
 from dino_vos.arch import is_dinov3_layout
 from dino_vos.checkpoints import BackboneWeights, summarize_keys
-from dino_vos.errors import BackboneError, PartialWeightsWarning
+from dino_vos.errors import BackboneError, PartialWeightsWarning, param
 
 
 def create_model(timm_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -54,12 +54,13 @@ def _misfit(
     source: str, weights: BackboneWeights, problems: list[str], partial: bool, named: bool
 ) -> str:
     fix = (
-        "pass the matching --backbone, or omit it to infer the architecture from the weights"
+        f"pass the matching {param('name')}, or omit it to infer the architecture from the "
+        "weights"
         if named
         else "the architecture was inferred from the weights, so the file lacks parts of a ViT "
-        "or holds other modules: check it, or name the architecture with --backbone"
+        f"or holds other modules: check it, or name the architecture with {param('name')}"
     )
-    hint = " (--allow-partial loads the matching keys anyway)" if partial else ""
+    hint = f" ({param('allow_partial', True)} loads the matching keys anyway)" if partial else ""
     return (
         f"weights {source} ({weights.describe()}) do not fit this architecture "
         f"({'; '.join(problems)}): {fix}{hint}"
@@ -147,7 +148,8 @@ def load_state(
             else "",
         ]
         warnings.warn(
-            f"--allow-partial: loaded {source} with {'; '.join(p for p in ignored if p)}",
+            f"{param('allow_partial', True)}: loaded {source} with "
+            f"{'; '.join(p for p in ignored if p)}",
             PartialWeightsWarning,
             stacklevel=3,
         )

@@ -6,7 +6,7 @@ The rules every command applies before it loads a model (this module imports no 
   data folders), paths compared after resolving symlinks;
 - an existing non-empty output folder must be a previous dino-vos result (its ``dino-vos.json``
   manifest lists the files dino-vos wrote); any other non-empty folder is refused unless
-  ``--overwrite`` is given, and even then files that dino-vos did not write are never replaced;
+  ``overwrite`` is given, and even then files that dino-vos did not write are never replaced;
 - output locations must be writable, checked up front (not after every frame was computed);
 - one run at a time per output folder: a run holds an exclusive lock on it (:func:`locked_output`,
   an ``fcntl.flock`` on ``OUT/.dino-vos-lock`` that dies with the process); a second run is
@@ -14,8 +14,8 @@ The rules every command applies before it loads a model (this module imports no 
 - a manifest is untrusted input: only entries that stay inside OUT (relative, no ``..``, no
   symlink on the way or at the end) are ever replaced or removed (:func:`trusted_outputs`), and
   a manifest that cannot be read is reported at the start (:func:`check_manifest`);
-- an existing ``--overlay`` file is replaced only when it is the overlay the folder's manifest
-  records, or with ``--overwrite``.
+- an existing ``overlay`` file is replaced only when it is the overlay the folder's manifest
+  records, or with ``overwrite``.
 
 :class:`dino_vos.writers.OutputSink` applies the same rules when it commits a result. The full
 list, with what each kind of interruption leaves, is docs/safety.md.
@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dino_vos.atomic import deferred_interrupts, lock_file, lock_holder_pid, unlock_file
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 
 MANIFEST_NAME = "dino-vos.json"
 STAGING_NAME = ".dino-vos-partial"
@@ -78,11 +78,11 @@ def _held(folder: Path) -> _HeldLock | None:
     return held if held is not None and held.pid == os.getpid() else None
 
 
-def busy_message(folder: str | Path, pid: int | None, flag: str = "--out") -> str:
+def busy_message(folder: str | Path, pid: int | None, name: str = "out_dir") -> str:
     who = f"PID {pid}" if pid and pid > 0 else "PID unknown"
     return (
-        f"{flag} {folder} is in use by another dino-vos run ({who}): wait for it to finish, "
-        "or choose another folder"
+        f"{param(name, folder)} is in use by another dino-vos run ({who}): wait for it to "
+        "finish, or choose another folder"
     )
 
 
@@ -94,28 +94,28 @@ def lock_holder(folder: str | Path) -> int | None:
     return lock_holder_pid(Path(folder) / LOCK_NAME)
 
 
-def check_not_locked(folder: str | Path, flag: str = "--out") -> None:
+def check_not_locked(folder: str | Path, name: str = "out_dir") -> None:
     """Refuse ``folder`` while another live run holds its lock (a check that writes nothing;
     the run itself takes the lock with :func:`locked_output`)."""
     pid = lock_holder(folder)
     if pid is not None:
-        raise InputError(busy_message(folder, pid, flag))
+        raise InputError(busy_message(folder, pid, name))
 
 
 def acquire_output_lock(
-    folder: str | Path, flag: str = "--out", inputs: Iterable[str | Path] = ()
+    folder: str | Path, name: str = "out_dir", inputs: Iterable[str | Path] = ()
 ) -> None:
     """Lock ``folder`` (created if missing) for this process until :func:`release_output_lock`
     (or the process's end, however it ends). Taking a lock this process holds nests. A folder
     that is or holds one of ``inputs`` is refused first: no lock file is ever put there."""
-    check_not_an_input(folder, inputs, flag)
+    check_not_an_input(folder, inputs, name)
     key = resolved(folder)
     held = _held(key)
     if held is not None:
         held.count += 1
         return
     if key.exists() and not key.is_dir():
-        raise InputError(f"{flag} {folder} is a file: give a folder")
+        raise InputError(f"{param(name, folder)} is a file: give a folder")
     created = [parent for parent in (key, *key.parents) if not parent.exists()][::-1]
     for _ in range(10):  # a releasing run may remove the folder it created in between
         try:
@@ -125,14 +125,14 @@ def acquire_output_lock(
             continue
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise InputError(f"cannot write {flag} {folder}: {reason}") from exc
+            raise InputError(f"cannot write {param(name, folder)}: {reason}") from exc
         if fd is None:
             pid = lock_holder_pid(key / LOCK_NAME)
             _remove_empty(created)
-            raise InputError(busy_message(folder, pid, flag))
+            raise InputError(busy_message(folder, pid, name))
         _HELD[key] = _HeldLock(fd, os.getpid(), created)
         return
-    raise InputError(f"cannot lock {flag} {folder}: it keeps disappearing")
+    raise InputError(f"cannot lock {param(name, folder)}: it keeps disappearing")
 
 
 def release_output_lock(folder: str | Path) -> None:
@@ -159,7 +159,7 @@ def _remove_empty(folders: list[Path]) -> None:
 
 @contextlib.contextmanager
 def locked_output(
-    folder: str | Path, flag: str = "--out", inputs: Iterable[str | Path] = ()
+    folder: str | Path, name: str = "out_dir", inputs: Iterable[str | Path] = ()
 ) -> Iterator[Path]:
     """Hold the exclusive lock of output folder ``folder`` for the block (yields ``folder``).
 
@@ -170,7 +170,7 @@ def locked_output(
     Folders the lock created are removed again at the end if nothing was written into them.
     ``inputs``: refuse a folder that is, lies in or holds one of them before locking it.
     """
-    acquire_output_lock(folder, flag, inputs)
+    acquire_output_lock(folder, name, inputs)
     try:
         yield Path(folder)
     finally:
@@ -178,13 +178,13 @@ def locked_output(
 
 
 def locked_output_on_main_rank(
-    folder: str | Path, flag: str = "--out", inputs: Iterable[str | Path] = ()
+    folder: str | Path, name: str = "out_dir", inputs: Iterable[str | Path] = ()
 ) -> contextlib.AbstractContextManager:
     """:func:`locked_output` on the main process of a launch (``RANK`` 0 or unset); elsewhere a
     no-op: the other ranks of one run write into the folder that rank 0 holds for them."""
     if os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext(Path(folder))
-    return locked_output(folder, flag, inputs)
+    return locked_output(folder, name, inputs)
 
 
 # --- manifests ------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def check_manifest(out_dir: str | Path, flag: str = "--out") -> None:
+def check_manifest(out_dir: str | Path, name: str = "out_dir") -> None:
     """Refuse a folder whose ``dino-vos.json`` exists but cannot be read as a manifest (a JSON
     object whose ``outputs``, if any, is a list): reported before any work starts."""
     path = Path(out_dir) / MANIFEST_NAME
@@ -217,8 +217,9 @@ def check_manifest(out_dir: str | Path, flag: str = "--out") -> None:
             problem = "its 'outputs' is not a list"
     if problem:
         raise InputError(
-            f"{path} is corrupt ({problem}): dino-vos cannot tell which files in {flag} "
-            f"{out_dir} it wrote; delete or repair {path.name}, or choose another folder"
+            f"{path} is corrupt ({problem}): dino-vos cannot tell which files in "
+            f"{param(name, out_dir)} it wrote; delete or repair {path.name}, or choose another "
+            "folder"
         )
 
 
@@ -345,26 +346,26 @@ def foreign_entries(out_dir: Path) -> list[str]:
     return sorted(entry.name for entry in out_dir.iterdir() if entry.name not in OWN_NAMES)
 
 
-def check_writable(path: str | Path, flag: str = "--out") -> None:
+def check_writable(path: str | Path, name: str = "out_dir") -> None:
     """Refuse an output location whose nearest existing folder cannot be written."""
     target = Path(path).expanduser()
     folder = target if target.is_dir() else target.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise InputError(f"{flag} {path}: {folder} is a file, not a folder")
+        raise InputError(f"{param(name, path)}: {folder} is a file, not a folder")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dino-vos-write-test-"):
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise InputError(
-            f"cannot write {flag} {path}: {folder} is not writable ({reason}); choose a "
+            f"cannot write {param(name, path)}: {folder} is not writable ({reason}); choose a "
             "writable location"
         ) from exc
 
 
-def check_not_an_input(path: str | Path, inputs: Iterable[str | Path], flag: str) -> None:
+def check_not_an_input(path: str | Path, inputs: Iterable[str | Path], name: str) -> None:
     """Refuse an output that is, lies inside, or contains one of ``inputs`` (those that exist:
     frames held in memory have a made-up path)."""
     target = resolved(path)
@@ -373,14 +374,18 @@ def check_not_an_input(path: str | Path, inputs: Iterable[str | Path], flag: str
             continue
         source = resolved(given)
         if target == source:
-            raise InputError(f"{flag} {path} is the input {given}: outputs never overwrite inputs")
+            raise InputError(
+                f"{param(name, path)} is the input {given}: outputs never overwrite inputs"
+            )
         if source.is_dir() and is_within(target, source):
             raise InputError(
-                f"{flag} {path} is inside the input folder {given}: choose a folder outside it"
+                f"{param(name, path)} is inside the input folder {given}: choose a folder "
+                "outside it"
             )
         if is_within(source, target):
             raise InputError(
-                f"{flag} {path} contains the input {given}: choose a folder that holds no input"
+                f"{param(name, path)} contains the input {given}: choose a folder that holds "
+                "no input"
             )
 
 
@@ -388,40 +393,40 @@ def check_out_dir(
     out_dir: str | Path,
     inputs: Sequence[str | Path] = (),
     overwrite: bool = False,
-    flag: str = "--out",
+    name: str = "out_dir",
     is_previous_result: Callable[[Path], bool] = is_result_folder,
 ) -> None:
-    """All the output-folder rules of this module, for one command's ``--out``.
+    """All the output-folder rules of this module, for one command's output folder.
 
     ``is_previous_result(folder)`` recognises the command's own earlier output (default: a
     folder with a dino-vos manifest), which may be replaced without ``overwrite``.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise InputError(f"{flag} {out_dir} is a file: give a folder")
-    check_not_an_input(out, inputs, flag)
-    check_not_locked(out, flag)
-    check_manifest(out, flag)
+        raise InputError(f"{param(name, out_dir)} is a file: give a folder")
+    check_not_an_input(out, inputs, name)
+    check_not_locked(out, name)
+    check_manifest(out, name)
     foreign = foreign_entries(out)
     ours = is_previous_result(out) or has_interrupted_commit(out)
     if foreign and not ours and not overwrite:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise InputError(
-            f"{flag} {out_dir} is not empty and is not a dino-vos result (it holds {shown}): "
-            "choose an empty folder, or pass --overwrite to write beside those files (they are "
-            "never replaced)"
+            f"{param(name, out_dir)} is not empty and is not a dino-vos result (it holds {shown}): "
+            f"choose an empty folder, or pass {param('overwrite', True)} to write beside those "
+            "files (they are never replaced)"
         )
-    check_writable(out, flag)
+    check_writable(out, name)
 
 
 def check_out_file(
-    path: str | Path, inputs: Sequence[str | Path] = (), flag: str = "--overlay"
+    path: str | Path, inputs: Sequence[str | Path] = (), name: str = "overlay"
 ) -> None:
     """The rules for a single output file (overlay video, plot): not an input, writable."""
-    check_not_an_input(path, inputs, flag)
+    check_not_an_input(path, inputs, name)
     if Path(path).is_dir():
-        raise InputError(f"{flag} {path} is a folder: give a file name")
-    check_writable(path, flag)
+        raise InputError(f"{param(name, path)} is a folder: give a file name")
+    check_writable(path, name)
 
 
 def check_outputs(
@@ -435,7 +440,7 @@ def check_outputs(
     if overlay is not None:
         if Path(overlay).suffix.lower() not in OVERLAY_SUFFIXES:
             raise InputError(f"overlay {overlay} must end in {', '.join(OVERLAY_SUFFIXES)}")
-        check_out_file(overlay, inputs, "--overlay")
+        check_out_file(overlay, inputs, "overlay")
         check_overlay_is_ours(out_dir, overlay, overwrite)
 
 
@@ -445,7 +450,7 @@ def overlay_record(overlay: str | Path) -> str:
 
 
 def check_overlay_is_ours(out_dir: str | Path, overlay: str | Path, overwrite: bool) -> None:
-    """Refuse to replace an existing ``--overlay`` file unless the manifest of ``out_dir``
+    """Refuse to replace an existing ``overlay`` file unless the manifest of ``out_dir``
     records it as the overlay dino-vos wrote there, or ``overwrite``."""
     target = Path(overlay)
     if overwrite or not (target.exists() or target.is_symlink()):
@@ -454,8 +459,9 @@ def check_overlay_is_ours(out_dir: str | Path, overlay: str | Path, overwrite: b
     if isinstance(recorded, str) and recorded == overlay_record(target):
         return
     raise InputError(
-        f"--overlay {overlay} exists and is not an overlay dino-vos wrote (the manifest of "
-        f"{out_dir} does not list it): choose a new file name, or pass --overwrite to replace it"
+        f"{param('overlay', overlay)} exists and is not an overlay dino-vos wrote (the manifest "
+        f"of {out_dir} does not list it): choose a new file name, or pass "
+        f"{param('overwrite', True)} to replace it"
     )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.features import FeatureExtractor, embed_frames
 from dino_vos.frame_store import FrameReader, FrameStore
 from dino_vos.masks import (
@@ -353,8 +353,8 @@ class VideoPropagator:
             segment = budget // soft_bytes
             if segment < 1:
                 raise InputError(
-                    f"--store-budget of {format_size(budget)} cannot hold one frame's soft map "
-                    f"({format_size(soft_bytes)}): raise it (default "
+                    f"{param('store_budget', format_size(budget))} cannot hold one frame's "
+                    f"soft map ({format_size(soft_bytes)}): raise it (default "
                     f"{format_size(DEFAULT_STORE_BUDGET)})"
                 )
             return StorePlan(soft_from=last - segment, segment=segment)

@@ -168,7 +168,7 @@ def mocov3_vits16() -> RegisteredBackbone:
     """MoCo v3's ViT-S/16 (``vits.py``): 12 heads of 32 channels, unlike DINO's 6 of 64."""
     return RegisteredBackbone(
         "mocov3_vits16",
-        "MoCo v3 ViT-S/16 architecture (12 heads; weights from a file, --weights)",
+        "MoCo v3 ViT-S/16 architecture (12 heads; weights only from a file)",
         "vit_small_patch16_224",
         timm_kwargs=(("num_heads", 12),),
         hub=False,

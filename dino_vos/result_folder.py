@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_vos.atomic import atomic_write_json
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.outputs import (
     MANIFEST_NAME,
     check_manifest,
@@ -83,7 +83,7 @@ class ResultFolder:
         put into a folder that is refused."""
         if os.environ.get("RANK", "0") == "0":
             if shared:
-                check_not_an_input(self.path, inputs, "--out")
+                check_not_an_input(self.path, inputs, "out_dir")
             else:
                 check_out_dir(self.path, inputs, overwrite, is_previous_result=self.is_ours)
             check_manifest(self.path)
@@ -96,7 +96,7 @@ class ResultFolder:
         overwrite: bool = False,
         cache_dir: Path | None = None,
         shared: bool = False,
-        fix: str = "choose another --out",
+        fix: str = f"choose another {param('out_dir')}",
     ) -> None:
         """Check the output rules for the folder, its report names and the feature cache, then
         mark the folder ``running`` for this job.
@@ -108,8 +108,8 @@ class ResultFolder:
         """
         check_manifest(self.path)
         if shared:
-            check_not_an_input(self.path, inputs, "--out")
-            check_writable(self.path, "--out")
+            check_not_an_input(self.path, inputs, "out_dir")
+            check_writable(self.path, "out_dir")
         else:
             check_out_dir(self.path, inputs, overwrite, is_previous_result=self.is_ours)
         ours = listed_outputs(self.manifest()) if self.is_ours() else set()
@@ -119,8 +119,8 @@ class ResultFolder:
                 f"{self.path / clashes[0]} was not written by dino-vos and is not replaced: {fix}"
             )
         if cache_dir is not None:
-            check_not_an_input(cache_dir, inputs, "--cache")
-            check_writable(cache_dir, "--cache")
+            check_not_an_input(cache_dir, inputs, "cache_dir")
+            check_writable(cache_dir, "cache_dir")
         if shared:
             return
         previous = self.manifest() if self.is_ours() else {}
@@ -153,7 +153,9 @@ class ResultFolder:
             if manifest.get("format") == self.kind and manifest.get(self.key_name) == self.key:
                 return
             time.sleep(0.2)
-        raise InputError(f"rank 0 did not accept --out {self.path} within {timeout:.0f} s")
+        raise InputError(
+            f"rank 0 did not accept {param('out_dir', self.path)} within {timeout:.0f} s"
+        )
 
     def _write(self, status: str, outputs: list[str], **extra: Any) -> None:
         manifest = {

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from dino_vos.errors import param, render
 from dino_vos.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protocol
 
 if TYPE_CHECKING:
@@ -153,15 +154,16 @@ class ResizeSpec:
 
     def patch_note(self, patch_size: int) -> str | None:
         """What happens to a short side that is not a multiple of ``patch_size`` (None when it
-        is one): the ``reference`` rule rounds it down, the ``patch`` rule to the nearest."""
+        is one): the ``reference`` rule rounds it down, the ``patch`` rule to the nearest; the
+        parameter is named as whoever shows the note spells it (dino_vos.errors.render)."""
         if self.short_side is None or self.short_side % patch_size == 0:
             return None
         rounding: PatchRounding = "down" if self.rule == "reference" else "nearest"
         used = round_to_patch(self.short_side, patch_size, rounding)
         how = "rounded down like the long side" if rounding == "down" else "nearest multiple"
-        return (
-            f"--short-side {self.short_side} is not a multiple of the patch size {patch_size}: "
-            f"using {used} ({how})"
+        return render(
+            f"{param('short_side', self.short_side)} is not a multiple of the patch size "
+            f"{patch_size}: using {used} ({how})"
         )
 
 

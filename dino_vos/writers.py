@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from dino_vos.atomic import atomic_path, atomic_write_json, deferred_interrupts
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.masks import atomic_write_bytes, davis_palette, encode_indexed_png
 from dino_vos.outputs import (
     BACKUP_NAME,
@@ -159,11 +159,11 @@ class OutputSink:
             target = self.out_dir / name
             problem = entry_problem(self.out_dir, name)
             if problem is not None and not (problem == "a symlink" and not target.exists()):
-                return f"{target} {problem} and is not written: choose an empty --out"
+                return f"{target} {problem} and is not written: choose an empty {param('out_dir')}"
             if (target.exists() or target.is_symlink()) and name not in ours:
                 return (
                     f"{target} was not written by dino-vos and is not replaced: choose an "
-                    "empty --out"
+                    f"empty {param('out_dir')}"
                 )
         return None
 

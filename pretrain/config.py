@@ -20,7 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from dino_vos.atomic import atomic_write_text
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.limits import MAX_IMAGE_BATCH, MAX_IMAGE_SIZE, MAX_WORKERS
 
 TRAINING_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -194,12 +194,14 @@ class PretrainConfig:
             checks.append((len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "crop scales (a, b)"))
         for ok, message in checks:
             if not ok:
-                raise InputError(f"invalid pretraining config: {message} (fix it with --set)")
+                raise InputError(
+                    f"invalid pretraining config: {message} (fix it with {param('assignments')})"
+                )
         for key, value in _float_values(self):
             if not math.isfinite(value):
                 raise InputError(
                     f"invalid pretraining config: {key} is {value}, not a finite number "
-                    "(fix it with --set)"
+                    f"(fix it with {param('assignments')})"
                 )
 
 

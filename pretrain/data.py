@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, natural_key, open_video, read_image
 
 MAX_CONSECUTIVE_FAILURES = 64
@@ -56,7 +56,9 @@ def _walk(root: Path) -> Iterator[Path]:
 def scan_paths(paths: Sequence[str | Path], video_stride: int = 1) -> ScanResult:
     """Collect images (any folder depth) and video frames (every ``video_stride``-th)."""
     if not paths:
-        raise InputError("no training data: pass --data DIR (a folder of images or videos)")
+        raise InputError(
+            f"no training data: pass {param('data.paths', 'DIR')} (a folder of images or videos)"
+        )
     result = ScanResult(samples=[])
     for root in map(Path, paths):
         if not root.exists():

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dino_vos import distributed
+from dino_vos import distributed, errors
 from dino_vos.atomic import atomic_write_text
 from dino_vos.checkpoints import save_backbone_safetensors
 from dino_vos.console import console, progress_bar
@@ -135,7 +135,10 @@ def resolve_precision(
     if precision == "auto":
         precision = auto_precision(device, patch_size)
     if precision == "fp16" and device.type != "cuda":
-        raise InputError("fp16 training needs a CUDA device: use --precision fp32 (or bf16)")
+        raise InputError(
+            "fp16 training needs a CUDA device: use "
+            f"{errors.param('train.precision', 'fp32')} (or bf16)"
+        )
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision], (
         precision == "fp16"
     )
@@ -315,7 +318,7 @@ class _Trainer:
             raise InputError(
                 f"{self.counts['samples']} training images cannot fill one batch of "
                 f"{config.optim.batch_size_per_gpu} per process on {info.world_size} "
-                "process(es): lower --batch-size or add data"
+                f"process(es): lower {errors.param('optim.batch_size_per_gpu')} or add data"
             )
         student, teacher = build_student_teacher(config)
         vit: Any = student.backbone
@@ -326,7 +329,8 @@ class _Trainer:
         if use_scaler and patch < FP16_MIN_PATCH and info.is_main:
             console.print(
                 f"note: fp16 with patch {patch}: the reference advises against fp16 below patch "
-                f"{FP16_MIN_PATCH} (unstable); --precision auto picks bf16 or fp32 there"
+                f"{FP16_MIN_PATCH} (unstable); "
+                f"{errors.render(errors.param('train.precision', 'auto'))} picks bf16 or fp32 there"
             )
         if info.world_size > 1 and self.device.type == "cuda" and has_batchnorms(student):
             # As main_dino.py: batch norm over the global batch (SyncBatchNorm is CUDA-only, so
@@ -423,8 +427,9 @@ class _Trainer:
         if checkpoint.is_file():
             if not resume:
                 raise InputError(
-                    f"{self.run_dir} already holds a run ({CHECKPOINT_NAME}): pass --resume to "
-                    "continue it, or choose another --out"
+                    f"{self.run_dir} already holds a run ({CHECKPOINT_NAME}): pass "
+                    f"{errors.param('resume', True)} to continue it, or choose another "
+                    f"{errors.param('out_dir')}"
                 )
             self.restore(checkpoint)
             self._note(f"Resuming from {checkpoint} (epoch {self.epoch}, step {self.step})")
@@ -486,8 +491,8 @@ class _Trainer:
         if not math.isfinite(metrics[0]):
             raise TrainingDiverged(
                 f"loss is {metrics[0]} at step {self.step + 1} (epoch {self.epoch}): training "
-                f"stopped; the last good checkpoint stays in {self.run_dir}; lower --lr or use "
-                "--precision fp32"
+                f"stopped; the last good checkpoint stays in {self.run_dir}; lower "
+                f"{errors.param('optim.base_lr')} or use {errors.param('train.precision', 'fp32')}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.config.optim.clip_grad
@@ -619,6 +624,7 @@ class _Trainer:
         )
         console.print(
             f"Stopped ({stopped}) at epoch {self.epoch}, step {self.step}; checkpoint "
-            f"{self.run_dir / CHECKPOINT_NAME}; teacher backbone: --weights {exported.weights}"
+            f"{self.run_dir / CHECKPOINT_NAME}; teacher backbone: "
+            f"{errors.render(errors.param('weights', exported.weights))}"
         )
         return exported

@@ -218,7 +218,7 @@ def test_dinov3_release_file_equals_the_rope_rule(tmp_path, swiglu):
     torch.testing.assert_close(
         maps.flatten(2), attention[:, :, 0, 1 + STORAGE :], atol=1e-6, rtol=1e-5
     )
-    with pytest.raises(BackboneError, match="DINOv3 model.*--pos-embed reference does not apply"):
+    with pytest.raises(BackboneError, match="DINOv3 model.*pos_embed=reference does not apply"):
         load_backbone(None, weights=path, pos_embed="reference")
 
 
@@ -227,7 +227,7 @@ def test_dinov3_release_file_by_short_name_and_missing_key(tmp_path):
     path = tmp_path / "release.pth"
     torch.save(state, path)
     # the short name builds timm's ViT-S/16 (12 blocks of 384): this file does not fit it
-    with pytest.raises(BackboneError, match=r"do not fit.*--backbone"):
+    with pytest.raises(BackboneError, match=r"do not fit.*name="):
         load_backbone("dinov3_vits16", weights=path)
     del state["blocks.0.ls1.gamma"]  # inferred from the other block: the key is named
     torch.save(state, path)

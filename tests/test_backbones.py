@@ -185,7 +185,7 @@ def test_main_dino_training_checkpoint_loads_safely(tmp_path):
     teacher_state = {k: v for k, v in teacher.state_dict().items() if k != "norm.bias"}
     partial = tmp_path / "partial.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher_state.items()}}, partial)
-    with raises(BackboneError, match=r"missing norm\.bias\).*--allow-partial"):
+    with raises(BackboneError, match=r"missing norm\.bias\).*allow_partial=True"):
         load_backbone(None, weights=partial)
     with pytest.warns(PartialWeightsWarning, match="1 missing key, left random: norm.bias"):
         load_backbone(None, weights=partial, allow_partial=True)
@@ -254,12 +254,12 @@ def test_errors_are_clear(tmp_path, monkeypatch):
         load_backbone("vit_small_patch16_224", weights=mismatched)
     only_teacher = tmp_path / "teacher_only.pth"
     torch.save({"teacher": make_tiny_vit().state_dict()}, only_teacher)
-    with raises(BackboneError, match="--checkpoint-key teacher"):
+    with raises(BackboneError, match="checkpoint_key=teacher"):
         load_backbone(None, weights=only_teacher, checkpoint_key="student")
 
 
 def test_offline_without_cached_weights_names_the_fix(monkeypatch):
     monkeypatch.setattr(hub, "hub_cached_file", lambda name: None)
     monkeypatch.setattr(hub, "online", lambda host="huggingface.co": False)
-    with raises(BackboneError, match=r"dino_deitsmall8_pretrain\.pth.*--weights PATH"):
+    with raises(BackboneError, match=r"dino_deitsmall8_pretrain\.pth.*weights=PATH"):
         load_backbone("dino_vits8")

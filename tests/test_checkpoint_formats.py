@@ -220,7 +220,7 @@ def test_dinov2_released_backbone(tmp_path, registers, swiglu):
     else:  # a key missing from the file is named, block 0's too (layer scale from any block)
         for block in (1, 0):
             torch.save({k: v for k, v in state.items() if k != f"blocks.{block}.ls1.gamma"}, path)
-            _refused(path, "DINOv2 state dict", "missing blocks.*.ls1.gamma", "--allow-partial")
+            _refused(path, "DINOv2 state dict", "missing blocks.*.ls1.gamma", "allow_partial=True")
 
 
 def test_dinov2_training_teacher_checkpoint_with_chunked_blocks(tmp_path):
@@ -253,7 +253,7 @@ def test_dinov2_training_teacher_checkpoint_with_chunked_blocks(tmp_path):
     # a block that is missing from the file is named, and only --allow-partial loads the rest
     del teacher["backbone.blocks.1.1.ls2.gamma"]
     torch.save({"teacher": teacher}, path)
-    _refused(path, "missing blocks.*.ls2.gamma", "--allow-partial")
+    _refused(path, "missing blocks.*.ls2.gamma", "allow_partial=True")
     with pytest.warns(PartialWeightsWarning, match=r"left random: blocks\.\*\.ls2\.gamma"):
         load_backbone(None, weights=path, allow_partial=True)
 
@@ -316,7 +316,7 @@ def test_ibot_training_checkpoint_and_released_teacher(tmp_path):
     _refused(released, "cls_token is (1, 1, 384) not (1, 1, 192)", name="vit_tiny_patch16_224")
     del released_state["norm.bias"]
     torch.save({"state_dict": released_state}, released)
-    _refused(released, "missing norm.bias", "--allow-partial")
+    _refused(released, "missing norm.bias", "allow_partial=True")
 
 
 # -------------------------------------------------------------------------------------- MoCo v3
@@ -377,7 +377,7 @@ def test_moco_v3_checkpoint_base_and_momentum_encoders(tmp_path):
     _refused(
         path,
         "MoCo v3 checkpoint",
-        "--checkpoint-key base_encoder or momentum_encoder",
+        "checkpoint_key=base_encoder or momentum_encoder",
         checkpoint_key="teacher",
     )
     _refused(path, "cls_token is (1, 1, 384) not (1, 1, 192)", name="vit_tiny_patch16_224")
@@ -392,7 +392,7 @@ def test_moco_v3_checkpoint_base_and_momentum_encoders(tmp_path):
     }
     converted = tmp_path / "moco_deit.pth"
     torch.save({"model": deit}, converted)
-    with pytest.warns(ArchitectureGuessWarning, match=r"assumed 6 heads.*--backbone") as caught:
+    with pytest.warns(ArchitectureGuessWarning, match=r"assumed 6 heads.*name=") as caught:
         assert load_backbone(None, weights=converted).num_heads == 6
     assert "\n" not in str(caught[0].message)
     assert load_backbone("mocov3_vits16", pretrained=False).num_heads == 12

@@ -127,7 +127,7 @@ def test_the_store_stays_within_its_budget_and_holds_no_frame(
 def test_a_budget_below_one_soft_map_is_refused(clip_files, features):
     frames, _, masks = clip_files
     keyframes = {0: masks[0], NUM_FRAMES - 1: masks[NUM_FRAMES - 1]}
-    with pytest.raises(InputError, match="--store-budget of 100 bytes cannot hold one frame"):
+    with pytest.raises(InputError, match="store_budget=100 bytes cannot hold one frame"):
         _run(features, open_source(frames), keyframes, "both", 100)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from dino_vos import __version__
-from dino_vos.errors import DinoVosError
+from dino_vos.errors import DinoVosError, naming
 
 
 class Terminated(KeyboardInterrupt):
@@ -72,9 +72,41 @@ class _OneLineUsageError(click.ClickException):
     exit_code = click.UsageError.exit_code
 
 
+#: API parameters (dino_vos.errors.param) whose option is not ``--`` and the name with dashes;
+#: ``name=value`` keys are switches that stand for that value.
+FLAGS = {
+    "name": "--backbone",
+    "out_dir": "--out",
+    "cache_dir": "--cache",
+    "results_dir": "--results",
+    "assignments": "--set",  # pretraining config: a dotted key without its own option
+    "data.paths": "--data",
+    "optim.base_lr": "--lr",
+    "optim.batch_size_per_gpu": "--batch-size",
+    "train.precision": "--precision",
+    "pretrained=False": "--random-init",
+}
+
+
+def flag_name(name: str, value: str | None) -> str:
+    """How a message names API parameter ``name`` (and ``value``) on the command line:
+    ``short_side=60`` -> ``--short-side 60``, ``allow_partial=True`` -> ``--allow-partial``,
+    a pretraining config key ``crops.local_number=6`` -> ``--set crops.local_number=6``."""
+    switch = FLAGS.get(f"{name}={value}")
+    if switch is not None:
+        return switch
+    flag = FLAGS.get(name)
+    if flag is None and "." in name:  # a pretraining config key without an option of its own
+        return f"--set {name}" + ("" if value is None else f"={value}")
+    flag = flag or "--" + name.replace("_", "-")
+    return flag if value is None or value == "True" else f"{flag} {value}"
+
+
 class DinoVosGroup(LazyGroup):
     """The root group: :class:`DinoVosError` becomes one line on stderr and exit code 2, and
-    so does every usage error of click (a bad value, a missing or unknown option)."""
+    so does every usage error of click (a bad value, a missing or unknown option). Messages
+    name the API parameters they are about; while a command runs they read as its options
+    (:func:`flag_name`)."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -83,6 +115,10 @@ class DinoVosGroup(LazyGroup):
             raise one_line_usage_error(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        with naming(flag_name):  # every message of the command names options, not parameters
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:

@@ -13,7 +13,7 @@ from timm.models.eva import Eva
 from torch import nn
 
 from dino_vos.backbones import Backbone
-from dino_vos.errors import BackboneError
+from dino_vos.errors import BackboneError, param
 
 
 class Dinov3Backbone(Backbone):
@@ -36,7 +36,7 @@ class Dinov3Backbone(Backbone):
         if mode not in ("auto", "rope"):
             raise BackboneError(
                 f"{self.name} is a DINOv3 model: rotary position embeddings, nothing to resize, "
-                f"so --pos-embed {mode} does not apply: drop it (or use auto)"
+                f"so {param('pos_embed', mode)} does not apply: drop it (or use auto)"
             )
         return "rope"
 

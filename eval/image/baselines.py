@@ -24,7 +24,7 @@ from dino_vos.backbones import Backbone
 from dino_vos.console import console, progress_bar
 from dino_vos.defaults import KNN_KS, KNN_MEMORY_BUDGET_MB, KNN_TEMPERATURE
 from dino_vos.distributed import cleanup, init_distributed
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.image.image_features import FeatureSpec, cached_image_features
 from dino_vos.eval.image.imagefolder import ImageFolderSplit, check_sizes, load_imagefolder
 from dino_vos.eval.image.knn import knn_evaluate
@@ -151,14 +151,14 @@ def check_baseline_outputs(
 ) -> None:
     """The output rules (:mod:`dino_vos.outputs`) for ``--out`` and the feature cache: neither
     is, lies inside or holds ``--train``/``--val``; both writable; ``--out`` not in use."""
-    check_not_an_input(out_dir, inputs, "--out")
+    check_not_an_input(out_dir, inputs, "out_dir")
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file: give a folder")
+        raise InputError(f"{param('out_dir', out_dir)} is a file: give a folder")
     check_not_locked(out_dir)
     check_writable(out_dir)
     if cache_dir is not None:
-        check_not_an_input(cache_dir, inputs, "--cache")
-        check_writable(cache_dir, "--cache")
+        check_not_an_input(cache_dir, inputs, "cache_dir")
+        check_writable(cache_dir, "cache_dir")
 
 
 def _epoch_printer(run: BaselineRun, progress: Progress, label: str = "epoch"):

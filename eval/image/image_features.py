@@ -26,7 +26,7 @@ from dino_vos.atomic import atomic_entry
 from dino_vos.backbones import Backbone
 from dino_vos.console import console
 from dino_vos.distributed import gather_shards, shard_range, world_info
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.image.imagefolder import (
     ImageFolderDataset,
     ImageFolderSplit,
@@ -57,8 +57,8 @@ class FeatureSpec:
     def check(self, backbone: Backbone) -> None:
         if not 1 <= self.n_last_blocks <= backbone.depth:
             raise InputError(
-                f"--n-last-blocks {self.n_last_blocks} does not fit {backbone.name}: it has "
-                f"{backbone.depth} blocks"
+                f"{param('n_last_blocks', self.n_last_blocks)} does not fit {backbone.name}: "
+                f"it has {backbone.depth} blocks"
             )
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from dino_vos.defaults import IMAGE_SIZE, RESIZE_SIZE
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.sources import IMAGE_SUFFIXES, natural_key, read_image
 from dino_vos.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -115,13 +115,15 @@ def load_imagefolder(
 def check_sizes(image_size: int, resize_size: int | None) -> int:
     """The resize size for ``image_size`` (default keeps the reference 256/224 ratio)."""
     if image_size < 8:
-        raise InputError(f"--image-size {image_size} is too small: use at least 8 pixels")
+        raise InputError(
+            f"{param('image_size', image_size)} is too small: use at least 8 pixels"
+        )
     if resize_size is None:
         return round(image_size * RESIZE_SIZE / IMAGE_SIZE)
     if resize_size < image_size:
         raise InputError(
-            f"--resize-size {resize_size} is smaller than --image-size {image_size}: the center "
-            "crop must fit inside the resized image"
+            f"{param('resize_size', resize_size)} is smaller than "
+            f"{param('image_size', image_size)}: the center crop must fit inside the resized image"
         )
     return resize_size
 

@@ -27,14 +27,14 @@ def write_report(
     ``ground_truth``: a folder of PNG masks named like the frames, scored against ``propagate``
     outputs (a ``demo`` folder brings its own).
     """
-    from dino_vos.errors import InputError
+    from dino_vos.errors import InputError, param
     from dino_vos.eval.report.runs import load_run, unique_labels
     from dino_vos.eval.report.site import write_site
 
     if not runs:
         raise InputError("give at least one result folder to report on")
     if max_side < 32:
-        raise InputError(f"--max-side {max_side} is too small: use 32 pixels or more")
+        raise InputError(f"{param('max_side', max_side)} is too small: use 32 pixels or more")
     loaded = [load_run(run, ground_truth) for run in runs]
     unique_labels(loaded)
     write_site(loaded, Path(out), max_side, overwrite)

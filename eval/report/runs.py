@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.outputs import MANIFEST_NAME, read_manifest
 from dino_vos.sources import IMAGE_SUFFIXES, natural_key
 
@@ -148,8 +148,8 @@ def load_run(path: str | Path, ground_truth: str | Path | None = None) -> Run:
         )
     if ground_truth is not None and run.kind not in ("propagate",):
         raise InputError(
-            f"--ground-truth applies to propagate outputs; {folder} is an {run.kind} result "
-            "that knows its ground truth"
+            f"{param('ground_truth')} applies to propagate outputs; {folder} is an {run.kind} "
+            "result that knows its ground truth"
         )
     return run
 
@@ -295,7 +295,9 @@ def _propagate_run(folder: Path, manifest: dict[str, Any], ground_truth: str | P
         gt_folder = Path(ground_truth)
         sequence.ground_truth = _png_stems(gt_folder)
         if not sequence.ground_truth:
-            raise InputError(f"--ground-truth {gt_folder} holds no PNG masks named like frames")
+            raise InputError(
+                f"{param('ground_truth', gt_folder)} holds no PNG masks named like frames"
+            )
         ids = sorted(int(i) for i in manifest.get("object_ids", []) if int(i) not in (0, 255))
         sequence.objects = score_sequence(sequence, ids)
     summary: dict[str, Any] = {"settings": {"propagation": manifest.get("propagation")}}

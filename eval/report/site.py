@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dino_vos import __version__
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.report import images
 from dino_vos.eval.report.runs import Run, SequenceResult
 from dino_vos.masks import read_mask
@@ -61,20 +61,20 @@ def is_report(folder: Path) -> bool:
 def check_report_dir(out: Path, runs: list[Run], overwrite: bool = False) -> None:
     """The output rules: not an input of any run, no foreign folder, no other command's result."""
     inputs = [path for run in runs for path in run.inputs]
-    check_report_target(out, inputs, overwrite, "--out")
+    check_report_target(out, inputs, overwrite, "out")
 
 
 def check_report_target(
-    out: Path, inputs: Sequence[Path], overwrite: bool = False, flag: str = "--report"
+    out: Path, inputs: Sequence[Path], overwrite: bool = False, name: str = "report"
 ) -> None:
-    """The output rules for a report folder (also of a run still to come, ``--report``)."""
+    """The output rules for a report folder (also of a run still to come, ``report``)."""
     manifest = read_manifest(out)
     if manifest and not is_report(out):
         raise InputError(
-            f"{flag} {out} holds a dino-vos {manifest.get('format', 'propagate')} result, not "
-            "a report: choose another folder"
+            f"{param(name, out)} holds a dino-vos {manifest.get('format', 'propagate')} result, "
+            "not a report: choose another folder"
         )
-    check_out_dir(out, inputs, overwrite, flag=flag, is_previous_result=is_report)
+    check_out_dir(out, inputs, overwrite, name=name, is_previous_result=is_report)
 
 
 def _slug(name: str, taken: set[str]) -> str:

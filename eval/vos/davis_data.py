@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.davis_metrics import num_objects_of
 from dino_vos.masks import read_mask
 from dino_vos.runner import VideoTask
@@ -208,7 +208,7 @@ class DavisDataset:
             if needed and not folder.is_dir():
                 available = sorted(p.name for p in folder.parent.glob("*") if p.is_dir())
                 hint = (
-                    f"resolutions found: {', '.join(available)} (use --resolution)"
+                    f"resolutions found: {', '.join(available)} (use {param('resolution')})"
                     if available
                     else f"{folder.parent.name}/ is missing from {self.root}"
                 )
@@ -219,7 +219,8 @@ class DavisDataset:
         if unknown:
             raise InputError(
                 f"{len(unknown)} sequence(s) have no annotation folder in {self.annotations_root}: "
-                f"{', '.join(unknown[:5])}; check --sequences / the split file and --resolution"
+                f"{', '.join(unknown[:5])}; check {param('sequences')} / the split file and "
+                f"{param('resolution')}"
             )
         return names
 
@@ -253,7 +254,8 @@ class DavisDataset:
             frame_h, frame_w = _image_size(sequence.frames[0])
             raise InputError(
                 f"annotation {sequence.annotations[0]} is {size[1]}x{size[0]} but frame "
-                f"{sequence.frames[0]} is {frame_w}x{frame_h}: use the same --resolution for both"
+                f"{sequence.frames[0]} is {frame_w}x{frame_h}: use the same {param('resolution')} "
+                "for both"
             )
 
 
@@ -296,8 +298,8 @@ def find_split_file(root: Path, split: str, year: str | None = None) -> Path | N
     available = ", ".join(f"{p.parent.name}/{p.stem}" for p in all_files) or "none"
     wanted = f"{year}/{split}" if year else split
     raise InputError(
-        f"unknown split '{wanted}': {imagesets} has {available}; use --split (and --year) or "
-        "--sequences"
+        f"unknown split '{wanted}': {imagesets} has {available}; use {param('split')} (and "
+        f"{param('year')}) or {param('sequences')}"
     )
 
 

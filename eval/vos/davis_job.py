@@ -11,7 +11,7 @@ from typing import Any
 from dino_vos import __version__
 from dino_vos.console import console, progress_bar
 from dino_vos.distributed import launch_env
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param, render
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, global_statistics
 from dino_vos.eval.vos.davis_data import DavisDataset
 from dino_vos.eval.vos.davis_report import (
@@ -116,21 +116,26 @@ class DavisJob:
         options the user passed explicitly, ``sweep`` says a grid is asked for."""
         if self.results_dir is not None:  # scoring only
             if sweep:
-                raise InputError("--sweep propagates: drop --results (or --sweep)")
+                raise InputError(
+                    f"{param('sweep')} propagates: drop {param('results_dir')} (or "
+                    f"{param('sweep')})"
+                )
             if self.keyframes is not None or self.direction != "forward":
                 raise InputError(
-                    "--keyframes and --direction apply to propagation, not to --results"
+                    f"{param('keyframes')} and {param('direction')} apply to propagation, not "
+                    f"to {param('results_dir')}"
                 )
             if given:
                 raise InputError(
-                    f"--results only scores existing masks: drop {', '.join(given)} (or drop "
-                    "--results to propagate)"
+                    f"{param('results_dir')} only scores existing masks: drop "
+                    f"{', '.join(given)} (or drop {param('results_dir')} to propagate)"
                 )
             if not self.results_dir.is_dir():
                 raise InputError(f"results folder not found: {self.results_dir}")
         elif self.out_dir is None:
             raise InputError(
-                "give --out DIR to propagate and score, or --results DIR to only score"
+                f"give {param('out_dir', 'DIR')} to propagate and score, or "
+                f"{param('results_dir', 'DIR')} to only score"
             )
         elif self.spec is None:
             raise InputError("propagation needs a backbone spec")
@@ -167,7 +172,11 @@ def prepare_report_dir(job: DavisJob, dataset: DavisDataset) -> None:
         job.overwrite,
         job.cache_dir,
         shared=job.scoring_only,  # the results folder holds the masks: only reports are ours
-        fix="pass --out DIR for the reports" if job.scoring_only else "choose another --out",
+        fix=(
+            f"pass {param('out_dir', 'DIR')} for the reports"
+            if job.scoring_only
+            else f"choose another {param('out_dir')}"
+        ),
     )
 
 
@@ -198,7 +207,7 @@ def _run_locked(
     out_dir = job.report_dir
     frames = sum(len(s.annotations) for s in dataset)
     if job.sequences:
-        source = "--sequences"
+        source = render(param("sequences"))
     elif dataset.split_file is not None:
         source = str(dataset.split_file)
     else:

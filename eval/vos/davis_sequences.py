@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.distributed import gather_to_main, launch_env, shard_balanced
-from dino_vos.errors import DinoVosError, InputError
+from dino_vos.errors import DinoVosError, InputError, param
 from dino_vos.eval.davis_metrics import BOUNDARY_THRESHOLD, ObjectScores, score_frames
 from dino_vos.eval.vos.cache import CacheStats, FeatureCache
 from dino_vos.eval.vos.davis_data import DavisSequence, read_results
@@ -145,7 +145,7 @@ def _init_worker(job: DavisJob, fingerprint: str | None) -> None:
         if built != fingerprint:
             raise DinoVosError(
                 "a worker process built different backbone weights than the main process: pass "
-                "--weights FILE (or use --workers 1)"
+                f"{param('weights', 'FILE')} (or use {param('workers', 1)})"
             )
     _worker = SequenceEvaluator(job, features, fingerprint)
 
@@ -247,7 +247,10 @@ def evaluate_davis(
 ) -> DavisRun | None:
     """Run this rank's shard of ``job`` and merge on rank 0; returns None on the other ranks."""
     if not job.scoring_only and features is None:
-        raise InputError("propagation needs a backbone: pass --backbone/--weights or --results")
+        raise InputError(
+            f"propagation needs a backbone: pass {param('name')}/{param('weights')} or "
+            f"{param('results_dir')}"
+        )
     start = time.perf_counter()
     rank, world = launch_env()
     fingerprint = weights_fingerprint(features.backbone) if features is not None else None

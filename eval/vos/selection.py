@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dino_vos.console import console
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.vos.sweep import (
     METRICS,
     SweepGrid,
@@ -78,13 +78,14 @@ class SelectionJob:
         self.base.check(sweep=True)
         if self.select_on == self.base.split:
             raise InputError(
-                f"--select-on {self.select_on} is the reported split: choose another split to "
-                "select on (e.g. --select-on train --split val)"
+                f"{param('select_on', self.select_on)} is the reported split: choose another "
+                f"split to select on (e.g. {param('select_on', 'train')} {param('split', 'val')})"
             )
         if self.base.sequences:
             raise InputError(
-                "--sequences overrides both splits, so the setting would be selected on the "
-                "sequences it is scored on: drop --sequences (or --select-on)"
+                f"{param('sequences')} overrides both splits, so the setting would be selected on "
+                f"the sequences it is scored on: drop {param('sequences')} (or "
+                f"{param('select_on')})"
             )
 
     def sweep_job(self) -> SweepJob:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from dino_vos.atomic import atomic_write_bytes, atomic_write_json
 from dino_vos.console import console
-from dino_vos.errors import DinoVosError, InputError
+from dino_vos.errors import DinoVosError, InputError, param
 from dino_vos.outputs import listed_outputs, locked_output_on_main_rank, read_manifest
 from dino_vos.result_folder import ResultFolder
 from dino_vos.spec import PropagationConfig
@@ -63,7 +63,7 @@ def split_tokens(tokens: Iterable[str]) -> dict[str, list[str]]:
             raise InputError(f"sweep {token!r} has an empty value: give NAME=V1,V2")
         axes[name] = parts
     if not axes:
-        raise InputError("--sweep needs at least one NAME=V1,V2")
+        raise InputError(f"{param('sweep')} needs at least one NAME=V1,V2")
     return axes
 
 

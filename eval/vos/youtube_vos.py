@@ -26,7 +26,7 @@ from dino_vos import __version__
 from dino_vos.atomic import atomic_path
 from dino_vos.backbones import weights_fingerprint
 from dino_vos.console import console, progress_bar
-from dino_vos.errors import InputError
+from dino_vos.errors import InputError, param
 from dino_vos.eval.vos.cache import FeatureCache
 from dino_vos.eval.vos.dataset import frame_count
 from dino_vos.features import BatchExtractor
@@ -103,7 +103,7 @@ def read_youtube_vos(
     for part in ("JPEGImages", "Annotations"):
         if not (folder / part).is_dir():
             raise InputError(
-                f"{folder / part} not found: --root must hold {split}/JPEGImages, "
+                f"{folder / part} not found: {param('root')} must hold {split}/JPEGImages, "
                 f"{split}/Annotations and {split}/meta.json"
             )
     meta = _read_meta(folder / "meta.json")
