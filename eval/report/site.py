@@ -11,11 +11,11 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from dino_vos.eval.report.runs import Run, SequenceResult
 from dino_vos.masks import read_mask
 from dino_vos.outputs import check_out_dir, read_manifest
 from dino_vos.writers import OutputSink
+
+if TYPE_CHECKING:
+    from dino_vos.sources import Frame
 
 REPORT_FORMAT = "dino-vos-report"
 STATIC_FILES = ("index.html", "report.js", "report.css")
@@ -149,10 +152,29 @@ class ReportWriter:
         self.sink.write_bytes(name, data)
         self.bytes_written += len(data)
 
-    def sequence(self, group: SequenceGroup, advance) -> dict[str, Any]:
-        """Pictures and data of one sequence page; returns its overview entry."""
+    def _frames(
+        self, frames: Path, stems: Sequence[str], base: str
+    ) -> Iterator[tuple[int, Frame, tuple[int, int]]]:
+        """The frames of ``frames`` named ``stems``, each written once as a JPEG of the display
+        size (``base/frames/NNNNN.jpg``, the longer side at most ``max_side``); yields
+        (position in ``stems``, frame, display size)."""
         from dino_vos.sources import open_source
 
+        index_of = {stem: t for t, stem in enumerate(stems)}
+        size = None
+        for frame in open_source(frames, allow_image=True):
+            t = index_of.get(frame.name)
+            if t is None:
+                continue
+            if size is None:
+                height, width = frame.image.shape[:2]
+                size = images.display_size(height, width, self.max_side)
+            picture = images.resize_image(frame.image, size)
+            self.write(f"{base}/frames/{t:05d}.jpg", images.encode_jpeg(picture))
+            yield t, frame, size
+
+    def sequence(self, group: SequenceGroup, advance) -> dict[str, Any]:
+        """Pictures and data of one sequence page; returns its overview entry."""
         reference = group.reference
         stems = reference.stems
         ids = _object_ids(group)
@@ -163,16 +185,7 @@ class ReportWriter:
         has_mask = [[0] * len(stems) for _ in self.runs]
         has_diff = [[0] * len(stems) for _ in self.runs]
         size = None
-        source = open_source(reference.frames, allow_image=True)
-        for frame in source:
-            t = index_of.get(frame.name)
-            if t is None:
-                continue
-            if size is None:
-                height, width = frame.image.shape[:2]
-                size = images.display_size(height, width, self.max_side)
-            picture = images.resize_image(frame.image, size)
-            self.write(f"{base}/frames/{t:05d}.jpg", images.encode_jpeg(picture))
+        for t, frame, size in self._frames(reference.frames, stems, base):
             gt = None
             if frame.name in truth:
                 gt = images.resize_labels(read_mask(truth[frame.name]), size)
@@ -232,27 +245,19 @@ class ReportWriter:
     def attention(self, run: Run, slug: str, advance) -> dict[str, Any]:
         from PIL import Image
 
-        from dino_vos.sources import open_source
-
         attention = run.attention
         assert attention is not None
-        index_of = {stem: t for t, stem in enumerate(attention.stems)}
         base = f"img/{slug}"
         size = tile = None
-        for frame in open_source(attention.frames, allow_image=True):
-            t = index_of.get(frame.name)
-            if t is None:
-                continue
-            if size is None:
+        for t, frame, shown in self._frames(attention.frames, attention.stems, base):
+            size = shown
+            if tile is None:
                 height, width = frame.image.shape[:2]
-                size = images.display_size(height, width, self.max_side)
                 tile = images.display_size(height, width, max(64, self.max_side // 2))
-            picture = images.resize_image(frame.image, size)
-            self.write(f"{base}/frames/{t:05d}.jpg", images.encode_jpeg(picture))
             for name in attention.maps:
                 with Image.open(run.path / name / f"{frame.name}.png") as heat:
                     rgb = np.asarray(heat.convert("RGB"))
-                small = images.resize_image(rgb, tile)  # type: ignore[arg-type]
+                small = images.resize_image(rgb, tile)
                 self.write(f"{base}/{name}/{t:05d}.jpg", images.encode_jpeg(small))
             advance(1)
         payload = {
