@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_davis
 from PIL import Image
 
 from dino_vos.cli import main
@@ -25,27 +26,12 @@ from dino_vos.masks import read_mask, write_indexed_png
 from dino_vos.synthetic import make_clip
 
 CHROMIUM = Path(os.environ.get("DINO_VOS_CHROMIUM", "/usr/bin/chromium"))
-#: name -> (objects, frames, (H, W))
-SEQUENCES = {"alpha": (2, 9, (60, 96)), "beta": (1, 7, (60, 96))}
+#: name -> (DAVIS year, objects, frames, (H, W)), as conftest.write_davis takes them
+SEQUENCES = {"alpha": (2017, 2, 9, (60, 96)), "beta": (2017, 1, 7, (60, 96))}
 
 
 def invoke(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def write_davis(root: Path) -> Path:
-    for index, (name, (objects, frames, size)) in enumerate(SEQUENCES.items()):
-        clip = make_clip(frames, size, num_objects=objects, seed=index + 5)
-        frame_dir = root / "JPEGImages" / "480p" / name
-        mask_dir = root / "Annotations" / "480p" / name
-        frame_dir.mkdir(parents=True)
-        mask_dir.mkdir(parents=True)
-        for t, (frame, mask) in enumerate(zip(clip.frames, clip.masks, strict=True)):
-            cv2.imwrite(str(frame_dir / f"{t:05d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            write_indexed_png(mask_dir / f"{t:05d}.png", mask)
-    (root / "ImageSets" / "2017").mkdir(parents=True)
-    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(SEQUENCES) + "\n")
-    return root
 
 
 def shifted_results(root: Path, out: Path, shift: int) -> Path:
@@ -65,7 +51,7 @@ def shifted_results(root: Path, out: Path, shift: int) -> Path:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two scored eval davis runs (masks shifted by 1 and 3 pixels per 2 frames) of one root."""
     base = tmp_path_factory.mktemp("report-runs")
-    root = write_davis(base / "davis")
+    root = write_davis(base / "davis", SEQUENCES)
     found = {"root": root}
     for label, shift in (("near", 1), ("far", 3)):
         masks = shifted_results(root, base / f"masks-{label}", shift)
