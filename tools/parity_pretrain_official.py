@@ -4,8 +4,10 @@
 
 ``DIR`` is a checkout of github.com/facebookresearch/dino (or a bare git dir of it, whose HEAD
 is extracted to a temp folder); its code is imported from there at run time, never copied. On
-CPU, in one process (a gloo group of size 1, ``.cuda()`` as a no-op), both sides start from the
-same weights (dino-vos's initialisation copied into the official modules), see the same fixed
+CPU, in one process (a gloo group of size 1; the official code's hard-coded CUDA transfers are
+patched into no-ops in this tool's process only, dino-vos itself takes a device argument), both
+sides start from the same weights (dino-vos's initialisation copied into the official modules),
+see the same fixed
 crops (2 global 224 px + ``--local-crops`` 96 px, batch 2) and the same schedules, and take
 ``--steps`` steps. Printed as JSON: per configuration the max abs difference of the student and
 teacher parameters after each step, and of the losses. Drop-path is 0 on both sides (the two
@@ -55,7 +57,7 @@ def _import_official(source: Path) -> SimpleNamespace:
     import utils  # type: ignore[import-not-found]
     import vision_transformer  # type: ignore[import-not-found]
 
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # CPU run
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the official code's transfers
     torch.cuda.synchronize = lambda *args, **kwargs: None
     utils.SmoothedValue.synchronize_between_processes = lambda self: None  # uses CUDA tensors
     return SimpleNamespace(main=main_dino, utils=utils, vits=vision_transformer)
