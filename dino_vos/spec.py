@@ -101,11 +101,11 @@ def resized_frame_size(
     if rule == "ceil":
         target = short_side or min(height, width)
         if width > height:
-            out_h = math.ceil(target / patch_size) * patch_size
-            out_w = math.ceil(width * out_h / height / patch_size) * patch_size
+            out_h = round_to_patch(target, patch_size, "up")
+            out_w = round_to_patch(width * out_h / height, patch_size, "up")
         else:
-            out_w = math.ceil(target / patch_size) * patch_size
-            out_h = math.ceil(height * out_w / width / patch_size) * patch_size
+            out_w = round_to_patch(target, patch_size, "up")
+            out_h = round_to_patch(height * out_w / width, patch_size, "up")
         return out_h, out_w
     raise ValueError(f"unknown resize rule '{rule}': use one of {', '.join(RESIZE_RULES)}")
 
