@@ -223,16 +223,26 @@ class DecordVideoSource(_VideoFile):
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
-        return self._reader[index].asnumpy()
+        try:
+            return self._reader[index].asnumpy()
+        finally:
+            self._reader.seek(0)  # see read_frames
 
     def read_frames(self, start: int, stop: int) -> list[np.ndarray]:
-        """Frames ``start .. stop - 1``: one seek, then sequential decoding."""
+        """Frames ``start .. stop - 1``: one seek, then sequential decoding.
+
+        After a random access decord goes on decoding ahead in the background while the caller
+        works, and keeps those frames: resident memory grew by about one decoded frame per frame
+        read while the backbone ran between reads (backward propagation, tools/bench_scale.py).
+        Seeking back to frame 0 stops it (the workaround of dmlc/decord#208 and #197)."""
         try:
             batch = self._reader.get_batch(list(range(start, stop))).asnumpy()
         except Exception as exc:  # noqa: BLE001
             raise InputError(
                 f"video {self.path} cannot decode frames {start}..{stop - 1}: {_first_line(exc)}"
             ) from exc
+        finally:
+            self._reader.seek(0)
         return list(batch)
 
 
