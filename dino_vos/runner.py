@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dino_vos.errors import DinoVosError
 from dino_vos.outputs import is_reusable_result
 from dino_vos.spec import Direction, PropagationConfig
 
@@ -131,6 +132,7 @@ def report_frame() -> None:
 
 
 _busy = False  # a worker process is inside an item's function
+_in_hand: Any = None  # shared bytes, one per item: 1 once a worker took it
 
 
 def _on_terminate(signum: int, frame: Any) -> None:
@@ -142,13 +144,16 @@ def _on_terminate(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def _call_item(function: Callable[[Any], Any], item: Any) -> Any:
+def _call_item(function: Callable[[Any], Any], item: Any, index: int) -> Any:
     """``function(item)`` in a worker; an interrupt ends the worker once the item unwound
-    (the pool would otherwise hand it the next item)."""
+    (the pool would otherwise hand it the next item). The item's flag in shared memory says
+    it is in hand, so the main process knows what a worker that dies took with it."""
     import signal
 
     global _busy
     _busy = True
+    if _in_hand is not None:
+        _in_hand[index] = 1
     try:
         return function(item)
     except KeyboardInterrupt:
@@ -158,24 +163,37 @@ def _call_item(function: Callable[[Any], Any], item: Any) -> Any:
 
 
 def _init_process(
-    threads: int, queue: Any, initializer: Callable[..., None], initargs: tuple[Any, ...]
+    threads: int,
+    queue: Any,
+    in_hand: Any,
+    initializer: Callable[..., None],
+    initargs: tuple[Any, ...],
 ) -> None:
     import signal
 
     import torch
 
-    global _progress_queue
+    global _progress_queue, _in_hand
     signal.signal(signal.SIGTERM, _on_terminate)
     torch.set_num_threads(threads)
     _progress_queue = queue
+    _in_hand = in_hand
     initializer(*initargs)
+
+
+class WorkerLostError(DinoVosError):
+    """A worker process died (a signal, the out-of-memory killer) on the same item again."""
+
+
+#: A worker process that dies breaks its pool: the items then in hand run again in a new pool;
+#: an item in hand at this many deaths is given up (``on_lost``, else :class:`WorkerLostError`).
+LOST_ATTEMPTS = 2
 
 
 def _drain(queue: Any, advance: Callable[[int], None]) -> None:
     count = 0
     while not queue.empty():
-        queue.get_nowait()
-        count += 1
+        count += queue.get_nowait()
     if count:
         advance(count)
 
@@ -189,43 +207,113 @@ def map_in_processes(
     initargs: tuple[Any, ...] = (),
     advance: Callable[[int], None] | None = None,
     on_result: Callable[[int, Any], None] | None = None,
+    on_lost: Callable[[int, str], Any] | None = None,
 ) -> list[Any]:
     """``function(item)`` for every item in ``workers`` spawned processes (each set up once by
     ``initializer(*initargs)``, its torch threads shared out), the costliest items first;
     results in the items' order. Frames reported by :func:`report_frame` reach ``advance``;
     ``on_result(index, result)`` is called in the main process as results arrive. SIGTERM
-    to the process group (SLURM) makes every worker unwind its item like Ctrl-C and exit."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    to the process group (SLURM) makes every worker unwind its item like Ctrl-C and exit.
 
+    A worker that dies (SIGKILL, out of memory) does not stop the others' finished work: the
+    items then in hand run again in new processes, and an item in hand at
+    :data:`LOST_ATTEMPTS` deaths gets ``on_lost(index, message)`` as its result (without
+    ``on_lost``: :class:`WorkerLostError`)."""
     import torch
 
-    advance = advance or (lambda _: None)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
     workers = min(workers, len(items))
     threads = max(1, torch.get_num_threads() // workers)
-    order = sorted(range(len(items)), key=lambda i: -costs[i])
-    results: list[Any] = [None] * len(items)
+    results: dict[int, Any] = {}
+    deaths: dict[int, int] = {}
+    remaining = sorted(range(len(items)), key=lambda i: -costs[i])
+
+    def record(index: int, result: Any) -> None:
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+
+    while remaining:
+        lost = _run_pool(
+            function,
+            items,
+            remaining,
+            workers,
+            (threads, initializer, initargs),
+            advance or (lambda _: None),
+            record,
+        )
+        if lost is None:
+            break
+        if not lost:  # died while starting (loading the backbone), holding no item
+            deaths[-1] = deaths.get(-1, 0) + 1
+            if deaths[-1] >= LOST_ATTEMPTS:
+                raise WorkerLostError(
+                    "worker processes died before taking an item (killed, for example by the "
+                    "out-of-memory killer, while loading): use fewer workers"
+                )
+        for index in lost:
+            deaths[index] = deaths.get(index, 0) + 1
+            if deaths[index] >= LOST_ATTEMPTS:
+                message = (
+                    f"its worker process died {deaths[index]} times (killed, for example by the "
+                    "out-of-memory killer): run it with fewer workers or more memory"
+                )
+                if on_lost is None:
+                    raise WorkerLostError(f"{_label(items[index], index)}: {message}")
+                record(index, on_lost(index, message))
+        remaining = [index for index in remaining if index not in results]
+    return [results[index] for index in range(len(items))]
+
+
+def _label(item: Any, index: int) -> str:
+    """How an error names an item: its ``name`` or ``id``, a string or path as it is."""
+    if isinstance(item, str | Path):
+        return str(item)
+    return str(getattr(item, "name", None) or getattr(item, "id", None) or f"item {index}")
+
+
+def _run_pool(
+    function: Callable[[Any], Any],
+    items: Sequence[Any],
+    order: Sequence[int],
+    workers: int,
+    setup: tuple[int, Callable[..., None], tuple[Any, ...]],
+    advance: Callable[[int], None],
+    record: Callable[[int, Any], None],
+) -> set[int] | None:
+    """Run ``order`` in one pool: None when done, the items in hand when a worker died."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    threads, initializer, initargs = setup
+    in_hand = context.RawArray("b", len(items))  # no lock: a killed worker holds none
     with ProcessPoolExecutor(
-        workers,
+        min(workers, len(order)),
         mp_context=context,
         initializer=_init_process,
-        initargs=(threads, queue, initializer, initargs),
+        initargs=(threads, queue, in_hand, initializer, initargs),
     ) as pool:
-        futures = {pool.submit(_call_item, function, items[i]): i for i in order}
-        pending = set(futures)
+        futures = {pool.submit(_call_item, function, items[i], i): i for i in order}
+        pending, recorded = set(futures), set()
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                 _drain(queue, advance)
+                broken = False
                 for future in done:
-                    index = futures[future]
-                    results[index] = future.result()
-                    if on_result is not None:
-                        on_result(index, results[index])
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        broken = True
+                        continue
+                    record(futures[future], future.result())
+                    recorded.add(futures[future])
+                if broken:
+                    _drain(queue, advance)
+                    return {i for i in order if in_hand[i] and i not in recorded}
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         _drain(queue, advance)
-    return results
+    return None

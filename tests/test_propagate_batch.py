@@ -254,3 +254,60 @@ def test_sigterm_to_the_process_group_unwinds_every_worker(tmp_path):
     started = sorted(p.name.split("-")[1] for p in tmp_path.glob("started-*"))
     cleaned = sorted(p.name.split("-")[1] for p in tmp_path.glob("cleaned-*"))
     assert len(started) == 2 and cleaned == started
+
+
+LOST_SCRIPT = """
+import json, os, signal, sys
+from pathlib import Path
+from dino_vos.runner import WorkerLostError, map_in_processes
+
+def nothing():
+    pass
+
+def work(item):
+    folder = Path(sys.argv[1])
+    with open(folder / "calls", "a") as calls:
+        calls.write(f"{item}\\n")
+    if item == "killed":  # what the out-of-memory killer does to a worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item.upper()
+
+if __name__ == "__main__":
+    items = ["a", "killed", "b"]
+    if sys.argv[2] == "on_lost":
+        results = map_in_processes(
+            work, items, [1, 5, 1], 2, nothing, on_lost=lambda i, error: f"lost: {error}"
+        )
+        print(json.dumps(results))
+    else:
+        try:
+            map_in_processes(work, items, [1, 5, 1], 2, nothing)
+        except WorkerLostError as error:
+            print(json.dumps(str(error)))
+"""
+
+
+@pytest.mark.parametrize("mode", ["on_lost", "raise"])
+def test_a_killed_worker_loses_only_its_item(tmp_path, mode):
+    """A worker killed alone (SIGKILL, as the OOM killer does) breaks the process pool: the other
+    items still run, in new processes, and the item that kills its worker is given up after two
+    deaths, with a one-line reason (on_lost), or a WorkerLostError naming it."""
+    script = tmp_path / "lost.py"
+    script.write_text(LOST_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    output = json.loads(done.stdout.strip().splitlines()[-1])
+    calls = (tmp_path / "calls").read_text().split()
+    assert calls.count("killed") == 2  # run again once in a new pool, then given up
+    if mode == "on_lost":
+        assert output[0] == "A" and output[2] == "B"
+        assert output[1].startswith("lost: its worker process died 2 times")
+        assert calls.count("a") >= 1 and calls.count("b") >= 1
+    else:
+        assert output.startswith("killed: its worker process died 2 times")

@@ -211,6 +211,9 @@ def _run_entries(
                 (job, shard),
                 lambda n: progress.advance(bar, n),
                 finished,
+                lambda index, error: VideoOutcome(
+                    entries[index].id, "failed", error=error, shard=shard
+                ),
             )
         worker = BatchWorker(job, job.spec.build(announce=True), shard)
         outcomes = []
