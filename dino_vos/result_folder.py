@@ -82,11 +82,7 @@ class ResultFolder:
         into the folder rank 0 holds). The folder rules are checked first, so no lock file is
         put into a folder that is refused."""
         if os.environ.get("RANK", "0") == "0":
-            if shared:
-                check_not_an_input(self.path, inputs, "out_dir")
-            else:
-                check_out_dir(self.path, inputs, overwrite, is_previous_result=self.is_ours)
-            check_manifest(self.path)
+            self._check_folder(inputs, overwrite, shared)
         with locked_output_on_main_rank(self.path, inputs=inputs):
             yield self.path
 
@@ -106,12 +102,7 @@ class ResultFolder:
         the reports (a failed scoring run leaves the folder as it was). ``fix`` ends the message
         about a report name taken by a file we did not write.
         """
-        check_manifest(self.path)
-        if shared:
-            check_not_an_input(self.path, inputs, "out_dir")
-            check_writable(self.path, "out_dir")
-        else:
-            check_out_dir(self.path, inputs, overwrite, is_previous_result=self.is_ours)
+        self._check_folder(inputs, overwrite, shared)  # again: now under the lock
         ours = listed_outputs(self.manifest()) if self.is_ours() else set()
         clashes = [n for n in self.reports if (self.path / n).exists() and n not in ours]
         if clashes:
@@ -131,6 +122,16 @@ class ResultFolder:
             self.drop_other_reports()
         self.path.mkdir(parents=True, exist_ok=True)
         self._write("running", kept)
+
+    def _check_folder(self, inputs: Sequence[str | Path], overwrite: bool, shared: bool) -> None:
+        """The folder rules (:mod:`dino_vos.outputs`): a readable manifest, not an input, and
+        writable and ours or empty (``shared``: only writable)."""
+        check_manifest(self.path)
+        if shared:
+            check_not_an_input(self.path, inputs, "out_dir")
+            check_writable(self.path, "out_dir")
+        else:
+            check_out_dir(self.path, inputs, overwrite, is_previous_result=self.is_ours)
 
     def drop_other_reports(self) -> None:
         """Remove the reports of an earlier job with another key: they would lie beside the new
