@@ -204,22 +204,19 @@ class DecordVideoSource(_VideoFile):
             raise InputError(f"video {self.path} has no frames")
         self._count = min(count, limit) if limit else count
         self.fps = float(fps or self._reader.get_avg_fps() or DEFAULT_FOLDER_FPS)
-        first = self._reader[0].asnumpy()
+        first = self.read_frame(0)
         if first.ndim != 3 or first.shape[2] != 3:
             # decord mis-decodes some frame widths (for example 72 px) into 4 channels
             raise DecordUnsupported(f"decord gave frames of shape {first.shape}")
         self._size = first.shape[:2]
 
     def __iter__(self) -> Iterator[Frame]:
-        self._reader.seek(0)
-        for index in range(self._count):
-            try:
-                image = self._reader.next().asnumpy()
-            except Exception as exc:  # noqa: BLE001
-                raise InputError(
-                    f"video {self.path} stops decoding at frame {index}: {_first_line(exc)}"
-                ) from exc
-            yield Frame(index, f"{index:05d}", image)
+        """The frames in order, decoded by OpenCV: read in sequence, decord decodes about a
+        thousand frames ahead in the background and keeps them (1.3 GB at 854 x 480, 6 GB at
+        1080p, docs/protocol.md#keyframes), OpenCV one frame when asked. Both decode with FFmpeg
+        into the same pixels; the backward pass checks every re-read frame against the stream
+        anyway."""
+        yield from _opencv_frames(self.path, self._count)
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
@@ -265,15 +262,7 @@ class OpenCVVideoSource(_VideoFile):
         self._size = first.shape[:2]
 
     def __iter__(self) -> Iterator[Frame]:
-        capture = cv2.VideoCapture(str(self.path))
-        try:
-            for index in range(self._count):
-                ok, image = capture.read()
-                if not ok:
-                    raise InputError(f"video {self.path} stops decoding at frame {index}")
-                yield Frame(index, f"{index:05d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-        finally:
-            capture.release()
+        yield from _opencv_frames(self.path, self._count)
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
@@ -302,6 +291,19 @@ class OpenCVVideoSource(_VideoFile):
         finally:
             capture.release()
         return images
+
+
+def _opencv_frames(path: Path, count: int) -> Iterator[Frame]:
+    """The first ``count`` frames of a video file in order, decoded by OpenCV as they are read."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        for index in range(count):
+            ok, image = capture.read()
+            if not ok:
+                raise InputError(f"video {path} stops decoding at frame {index}")
+            yield Frame(index, f"{index:05d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
 
 
 class ImageSource(FolderSource):

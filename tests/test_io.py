@@ -151,3 +151,23 @@ def test_outputs_get_ordinary_file_permissions(tmp_path):
         os.umask(umask)
     assert (tmp_path / "mask.png").stat().st_mode & 0o777 == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_decord_source_streams_the_pixels_it_reads_at_random(tmp_path):
+    """A decord source streams through OpenCV (decord decodes about a thousand frames ahead of a
+    sequential reader) and reads at random through decord: both must give the same pixels, or
+    backward propagation would decode every chunk twice."""
+    pytest.importorskip("decord")
+    from dino_vos.sources import DecordVideoSource
+
+    clip = make_clip(12, (96, 128), 2, seed=1)
+    clip.write(tmp_path, video=tmp_path / "clip.mp4")
+    source = open_source(tmp_path / "clip.mp4")
+    assert isinstance(source, DecordVideoSource)
+    streamed = [frame.image for frame in source]
+    assert len(streamed) == 12
+    for start, stop in ((0, 12), (5, 9), (11, 12)):
+        assert all(
+            np.array_equal(image, streamed[start + i])
+            for i, image in enumerate(source.read_frames(start, stop))
+        )
