@@ -229,7 +229,16 @@ def page(browser):
     problems: list[str] = []
     opened.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     opened.on("pageerror", lambda e: problems.append(str(e)))
-    opened.on("requestfailed", lambda r: problems.append(f"failed {r.url}"))
+    # ERR_ABORTED is a load the page superseded (a fast scrub changes an image's source before
+    # the last one arrived); a missing file fails with ERR_FILE_NOT_FOUND and is reported
+    opened.on(
+        "requestfailed",
+        lambda r: (
+            None
+            if "ERR_ABORTED" in (r.failure or "")
+            else problems.append(f"failed {r.url}: {r.failure}")
+        ),
+    )
     opened.problems = problems
     yield opened
     opened.close()
