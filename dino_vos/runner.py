@@ -224,7 +224,8 @@ def map_in_processes(
     workers = min(workers, len(items))
     threads = max(1, torch.get_num_threads() // workers)
     results: dict[int, Any] = {}
-    deaths: dict[int, int] = {}
+    deaths: dict[int, int] = {}  # per item: pools broken while a worker held it
+    startup_deaths = 0  # pools broken while no worker held an item
     remaining = sorted(range(len(items)), key=lambda i: -costs[i])
 
     def record(index: int, result: Any) -> None:
@@ -245,8 +246,8 @@ def map_in_processes(
         if lost is None:
             break
         if not lost:  # died while starting (loading the backbone), holding no item
-            deaths[-1] = deaths.get(-1, 0) + 1
-            if deaths[-1] >= LOST_ATTEMPTS:
+            startup_deaths += 1
+            if startup_deaths >= LOST_ATTEMPTS:
                 raise WorkerLostError(
                     "worker processes died before taking an item (killed, for example by the "
                     "out-of-memory killer, while loading): use fewer workers"
