@@ -161,7 +161,8 @@ class FolderSource:
 
 
 class _VideoFile:
-    """Shared parts of the video sources: a path, a frame count, a frame size and a rate."""
+    """Shared parts of the video sources: a path, a frame count, a frame size, a rate and the
+    stream of frames in order (decoded by OpenCV whichever decoder reads at random)."""
 
     path: Path
     fps: float
@@ -170,6 +171,21 @@ class _VideoFile:
 
     def __len__(self) -> int:
         return self._count
+
+    def __iter__(self) -> Iterator[Frame]:
+        """The frames in order, decoded by OpenCV one at a time as they are read. Not decord: read
+        in sequence, it decodes about a thousand frames ahead in the background and keeps them
+        (1.3 GB at 854 x 480, 6 GB at 1080p, docs/protocol.md#keyframes). Both decode with
+        FFmpeg into the same pixels; the backward pass checks every re-read frame anyway."""
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            for index in range(self._count):
+                ok, image = capture.read()
+                if not ok:
+                    raise InputError(f"video {self.path} stops decoding at frame {index}")
+                yield Frame(index, f"{index:05d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        finally:
+            capture.release()
 
     def frame_names(self) -> list[str]:
         return [f"{index:05d}" for index in range(self._count)]
@@ -184,7 +200,8 @@ class DecordUnsupported(RuntimeError):
 
 
 class DecordVideoSource(_VideoFile):
-    """A video file decoded with decord, one frame at a time."""
+    """A video file read at random by decord (streamed in order by OpenCV, see
+    :meth:`_VideoFile.__iter__`)."""
 
     def __init__(self, path: str | Path, fps: float | None = None, limit: int | None = None):
         import decord
@@ -209,14 +226,6 @@ class DecordVideoSource(_VideoFile):
             # decord mis-decodes some frame widths (for example 72 px) into 4 channels
             raise DecordUnsupported(f"decord gave frames of shape {first.shape}")
         self._size = first.shape[:2]
-
-    def __iter__(self) -> Iterator[Frame]:
-        """The frames in order, decoded by OpenCV: read in sequence, decord decodes about a
-        thousand frames ahead in the background and keeps them (1.3 GB at 854 x 480, 6 GB at
-        1080p, docs/protocol.md#keyframes), OpenCV one frame when asked. Both decode with FFmpeg
-        into the same pixels; the backward pass checks every re-read frame against the stream
-        anyway."""
-        yield from _opencv_frames(self.path, self._count)
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
@@ -261,9 +270,6 @@ class OpenCVVideoSource(_VideoFile):
         self._count = min(count, limit) if limit else count
         self._size = first.shape[:2]
 
-    def __iter__(self) -> Iterator[Frame]:
-        yield from _opencv_frames(self.path, self._count)
-
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as RGB uint8 (H, W, 3), decoded on its own (random access)."""
         capture = cv2.VideoCapture(str(self.path))
@@ -291,19 +297,6 @@ class OpenCVVideoSource(_VideoFile):
         finally:
             capture.release()
         return images
-
-
-def _opencv_frames(path: Path, count: int) -> Iterator[Frame]:
-    """The first ``count`` frames of a video file in order, decoded by OpenCV as they are read."""
-    capture = cv2.VideoCapture(str(path))
-    try:
-        for index in range(count):
-            ok, image = capture.read()
-            if not ok:
-                raise InputError(f"video {path} stops decoding at frame {index}")
-            yield Frame(index, f"{index:05d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    finally:
-        capture.release()
 
 
 class ImageSource(FolderSource):
